@@ -1,0 +1,64 @@
+//! The protocol layer between the event loop and a service: HTTP/1.1 requests, the WebSocket
+//! upgrade, RFC 6455 message framing, heartbeats and timeouts. A [`Service`] sees whole HTTP
+//! requests and whole WebSocket messages; the loop sees only bytes.
+
+pub mod protocol;
+
+pub use protocol::Protocol;
+
+use crate::http::request::Request;
+use crate::http::response::Response;
+use crate::net::{ConnId, Ctx, Frame, Pressure};
+use crate::ws::frame::{self, OpCode};
+
+/// A whole WebSocket data message.
+#[derive(Clone, Copy, Debug)]
+pub enum WsMessage<'a> {
+    Text(&'a str),
+    Binary(&'a [u8]),
+}
+
+/// What a service does with connections. Callbacks run on the loop thread and must not block.
+pub trait Service {
+    /// Whether this request is meant as a WebSocket handshake (then it is validated as one:
+    /// a request for a WebSocket endpoint without `Upgrade` gets 426).
+    fn wants_websocket(&self, req: &Request) -> bool {
+        req.is_upgrade()
+    }
+    /// A plain HTTP request. `Some` is answered at once; `None` means the service queued (or
+    /// will queue) the answer itself, closing the connection after it when the request did not
+    /// keep the connection alive.
+    fn on_request(&mut self, cx: &mut Ctx<'_>, id: ConnId, req: &Request) -> Option<Response>;
+    /// A valid WebSocket handshake: accept it, or refuse with a response (auth, origin, path).
+    fn on_upgrade(&mut self, cx: &mut Ctx<'_>, id: ConnId, req: &Request) -> Result<(), Response>;
+    /// The `101` is queued; the connection now speaks WebSocket.
+    fn on_ws_open(&mut self, cx: &mut Ctx<'_>, id: ConnId, req: &Request);
+    fn on_ws_message(&mut self, cx: &mut Ctx<'_>, id: ConnId, message: WsMessage<'_>);
+    /// A WebSocket connection ended (for any reason).
+    fn on_ws_close(&mut self, cx: &mut Ctx<'_>, id: ConnId);
+    fn on_buffer_full(&mut self, _cx: &mut Ctx<'_>, _id: ConnId, _pressure: Pressure) {}
+    fn on_buffer_drain(&mut self, _cx: &mut Ctx<'_>, _id: ConnId) {}
+    fn on_wake(&mut self, _cx: &mut Ctx<'_>) {}
+    fn on_reload(&mut self, _cx: &mut Ctx<'_>) {}
+    fn before_sleep(&mut self, _cx: &mut Ctx<'_>) {}
+    fn can_exit(&self) -> bool {
+        true
+    }
+    fn poll_timeout_ms(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Frames a text payload once, ready to be queued to one or many connections.
+pub fn text_frame(payload: &[u8]) -> Frame {
+    Frame::from(frame::encode(OpCode::Text, payload))
+}
+
+/// Frames a value serialised as JSON, without an intermediate copy of the payload.
+pub fn json_frame<T: serde::Serialize + ?Sized>(value: &T) -> Frame {
+    let mut writer = frame::FrameWriter::new(OpCode::Text);
+    // Serialising our own message types into memory cannot fail: they hold no maps with
+    // non-string keys and the writer never returns an error.
+    serde_json::to_writer(&mut writer, value).expect("serialising a reply into memory");
+    Frame::from(writer.finish())
+}

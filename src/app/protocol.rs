@@ -1,0 +1,338 @@
+//! [`Protocol`]: the event-loop [`Handler`] that speaks HTTP/1.1 and RFC 6455 to every
+//! connection and hands whole requests and messages to a [`Service`].
+//!
+//! Per connection it keeps only a phase (HTTP or WebSocket with its small decoder) and two
+//! timestamps; partial input lives in the loop's per-connection buffer only while it exists.
+
+use log::{debug, warn};
+
+use super::{Service, WsMessage};
+use crate::http::request::{self, Request};
+use crate::http::response::Response;
+use crate::net::{CloseReason, ConnId, Ctx, Frame, Handler, Pressure};
+use crate::ws::close;
+use crate::ws::codec::{Decoder, Message};
+use crate::ws::frame::{self, OpCode};
+use crate::ws::handshake;
+
+enum Phase {
+    /// Waiting for (more) HTTP requests; `served` counts the ones answered so far.
+    Http {
+        served: u32,
+    },
+    WebSocket {
+        decoder: Decoder,
+        last_ping_ms: u64,
+    },
+    /// The last HTTP request said `Connection: close`; input after it is ignored.
+    Done,
+}
+
+struct ConnProto {
+    phase: Phase,
+    last_input_ms: u64,
+}
+
+pub struct Protocol<S: Service> {
+    /// Indexed by `ConnId::index`; `None` for free slots.
+    conns: Vec<Option<ConnProto>>,
+    http_limits: request::Limits,
+    pub service: S,
+}
+
+impl<S: Service> Protocol<S> {
+    pub fn new(service: S, limits: &crate::config::Limits) -> Self {
+        Protocol {
+            conns: Vec::new(),
+            http_limits: request::Limits {
+                headers_max: limits.http_headers_max,
+                head_bytes_max: limits.http_head_bytes_max,
+                body_bytes_max: limits.http_body_bytes_max,
+            },
+            service,
+        }
+    }
+
+    fn is_websocket(&self, id: ConnId) -> bool {
+        matches!(
+            self.conns.get(id.index as usize),
+            Some(Some(ConnProto {
+                phase: Phase::WebSocket { .. },
+                ..
+            }))
+        )
+    }
+
+    fn handle_request(&mut self, cx: &mut Ctx<'_>, id: ConnId, req: Request) {
+        let now = cx.now_ms();
+        if self.service.wants_websocket(&req) {
+            self.handle_upgrade(cx, id, req);
+            return;
+        }
+        let keep_alive = match self.service.on_request(cx, id, &req) {
+            Some(response) => {
+                let keep_alive = req.keep_alive() && response.keep_alive;
+                let response = if keep_alive {
+                    response
+                } else {
+                    response.close()
+                };
+                cx.send(
+                    id,
+                    Frame::from(response.for_request(&req).to_bytes_for(req.method)),
+                );
+                if !keep_alive {
+                    cx.close(id);
+                }
+                keep_alive
+            }
+            None => req.keep_alive(),
+        };
+        if !keep_alive {
+            // Nothing after a request that ends the connection is read.
+            if let Some(Some(state)) = self.conns.get_mut(id.index as usize) {
+                state.phase = Phase::Done;
+            }
+            return;
+        }
+        if let Some(Some(state)) = self.conns.get_mut(id.index as usize) {
+            if let Phase::Http { served } = &mut state.phase {
+                *served = served.saturating_add(1);
+            }
+        }
+        cx.set_deadline_ms(id, now + cx.limits().idle_timeout_ms);
+    }
+
+    fn handle_upgrade(&mut self, cx: &mut Ctx<'_>, id: ConnId, req: Request) {
+        let headers = req.header_pairs();
+        let key = match handshake::validate(&req.method_name, req.minor_version, &headers) {
+            Ok(key) => key.to_vec(),
+            Err(e) => {
+                warn!("{id} WebSocket handshake refused: {e:?}");
+                cx.send(id, Frame::from(handshake::rejection(&e)));
+                cx.close(id);
+                return;
+            }
+        };
+        drop(headers);
+        if let Err(response) = self.service.on_upgrade(cx, id, &req) {
+            warn!("{id} WebSocket upgrade refused with {}", response.status);
+            cx.send(id, Frame::from(response.close().to_bytes()));
+            cx.close(id);
+            return;
+        }
+        cx.send(id, Frame::from(handshake::response_101(&key)));
+        let now = cx.now_ms();
+        if let Some(Some(state)) = self.conns.get_mut(id.index as usize) {
+            state.phase = Phase::WebSocket {
+                decoder: Decoder::new(cx.limits().ws_message_bytes_max),
+                last_ping_ms: now,
+            };
+        }
+        self.schedule_ws_timer(cx, id);
+        self.service.on_ws_open(cx, id, &req);
+    }
+
+    /// Next wake-up for a WebSocket: the earlier of the idle deadline and the next ping.
+    fn schedule_ws_timer(&self, cx: &mut Ctx<'_>, id: ConnId) {
+        let Some(Some(state)) = self.conns.get(id.index as usize) else {
+            return;
+        };
+        let Phase::WebSocket { last_ping_ms, .. } = state.phase else {
+            return;
+        };
+        let limits = cx.limits();
+        let mut at = state.last_input_ms + limits.idle_timeout_ms;
+        if limits.ping_interval_ms > 0 {
+            at = at.min(last_ping_ms + limits.ping_interval_ms);
+        }
+        cx.set_deadline_ms(id, at);
+    }
+
+    /// Fails the WebSocket connection (RFC 6455 §7.1.7): a close frame with `code`, then close.
+    fn fail(cx: &mut Ctx<'_>, id: ConnId, code: u16, reason: &str) {
+        cx.send_final(id, Frame::from(frame::encode_close(code, reason)));
+        cx.close(id);
+    }
+}
+
+/// Codes we may echo back in a close reply; anything else is answered with 1000.
+fn echoable(code: u16) -> bool {
+    close::is_valid_received(code)
+}
+
+impl<S: Service> Handler for Protocol<S> {
+    fn on_open(&mut self, cx: &mut Ctx<'_>, id: ConnId) {
+        let index = id.index as usize;
+        if self.conns.len() <= index {
+            self.conns.resize_with(index + 1, || None);
+        }
+        let now = cx.now_ms();
+        self.conns[index] = Some(ConnProto {
+            phase: Phase::Http { served: 0 },
+            last_input_ms: now,
+        });
+        // Slowloris: the first request (or upgrade) must be complete within this.
+        cx.set_deadline_ms(id, now + cx.limits().handshake_timeout_ms);
+    }
+
+    fn on_message(&mut self, cx: &mut Ctx<'_>, id: ConnId, data: &mut [u8]) -> usize {
+        let now = cx.now_ms();
+        let mut consumed = 0;
+        while consumed < data.len() && cx.is_open(id) {
+            let Some(Some(state)) = self.conns.get_mut(id.index as usize) else {
+                break;
+            };
+            state.last_input_ms = now;
+            match &mut state.phase {
+                Phase::Http { .. } => match request::parse(&data[consumed..], &self.http_limits) {
+                    Ok(None) => break,
+                    Ok(Some((req, used))) => {
+                        consumed += used;
+                        self.handle_request(cx, id, req);
+                    }
+                    Err(e) => {
+                        debug!("{id} bad HTTP request: {e}");
+                        let body = format!("{e}\n");
+                        let response = Response::text(e.status(), &body).close();
+                        cx.send(id, Frame::from(response.to_bytes()));
+                        cx.close(id);
+                        return data.len();
+                    }
+                },
+                Phase::Done => return data.len(),
+                Phase::WebSocket { decoder, .. } => {
+                    match decoder.decode(&mut data[consumed..]) {
+                        Ok(None) => break,
+                        Ok(Some((used, message))) => {
+                            consumed += used;
+                            match message {
+                                None => {}
+                                Some(Message::Text(text)) => {
+                                    self.service.on_ws_message(cx, id, WsMessage::Text(text))
+                                }
+                                Some(Message::Binary(bytes)) => {
+                                    self.service.on_ws_message(cx, id, WsMessage::Binary(bytes))
+                                }
+                                Some(Message::Ping(payload)) => {
+                                    cx.send(id, Frame::from(frame::encode(OpCode::Pong, payload)));
+                                }
+                                Some(Message::Pong(_)) => {}
+                                Some(Message::Close(received)) => {
+                                    // RFC 6455 §5.5.1: answer a close with a close, echoing its
+                                    // code, then close the TCP connection.
+                                    let reply = match received {
+                                        Some(c) if echoable(c.code) => {
+                                            frame::encode_close(c.code, "")
+                                        }
+                                        Some(_) => frame::encode_close(close::NORMAL, ""),
+                                        None => frame::encode(OpCode::Close, &[]),
+                                    };
+                                    cx.send_final(id, Frame::from(reply));
+                                    cx.close(id);
+                                    return data.len();
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            debug!("{id} WebSocket protocol error: {e}");
+                            Self::fail(cx, id, e.close_code(), &e.to_string());
+                            return data.len();
+                        }
+                    }
+                }
+            }
+        }
+        consumed
+    }
+
+    fn on_close(&mut self, cx: &mut Ctx<'_>, id: ConnId, reason: CloseReason) {
+        let was_websocket = self.is_websocket(id);
+        if let Some(slot) = self.conns.get_mut(id.index as usize) {
+            *slot = None;
+        }
+        if reason == CloseReason::SendQueueOverflow {
+            warn!("{id} closed: send queue over its hard limit");
+        }
+        if was_websocket {
+            self.service.on_ws_close(cx, id);
+        }
+    }
+
+    fn on_buffer_full(&mut self, cx: &mut Ctx<'_>, id: ConnId, pressure: Pressure) {
+        self.service.on_buffer_full(cx, id, pressure);
+        if pressure == Pressure::Hard && cx.is_open(id) {
+            if self.is_websocket(id) {
+                Self::fail(cx, id, close::POLICY_VIOLATION, "send queue limit exceeded");
+            } else {
+                cx.close(id);
+            }
+        }
+    }
+
+    fn on_buffer_drain(&mut self, cx: &mut Ctx<'_>, id: ConnId) {
+        self.service.on_buffer_drain(cx, id);
+    }
+
+    fn on_timer(&mut self, cx: &mut Ctx<'_>, id: ConnId) {
+        let now = cx.now_ms();
+        let limits = cx.limits().clone();
+        let Some(Some(state)) = self.conns.get_mut(id.index as usize) else {
+            return;
+        };
+        match &mut state.phase {
+            Phase::Http { served: 0 } => {
+                debug!("{id} handshake timeout");
+                let response = Response::text(408, "request timeout\n").close();
+                cx.send(id, Frame::from(response.to_bytes()));
+                cx.close(id);
+            }
+            Phase::Http { .. } | Phase::Done => {
+                debug!("{id} idle keep-alive connection closed");
+                cx.close(id);
+            }
+            Phase::WebSocket { last_ping_ms, .. } => {
+                if now >= state.last_input_ms + limits.idle_timeout_ms {
+                    debug!("{id} idle timeout");
+                    Self::fail(cx, id, close::GOING_AWAY, "idle timeout");
+                    return;
+                }
+                if limits.ping_interval_ms > 0 && now >= *last_ping_ms + limits.ping_interval_ms {
+                    *last_ping_ms = now;
+                    cx.send(id, Frame::from(frame::encode(OpCode::Ping, &[])));
+                }
+                self.schedule_ws_timer(cx, id);
+            }
+        }
+    }
+
+    fn on_wake(&mut self, cx: &mut Ctx<'_>) {
+        self.service.on_wake(cx);
+    }
+
+    fn on_reload(&mut self, cx: &mut Ctx<'_>) {
+        self.service.on_reload(cx);
+    }
+
+    fn on_shutdown(&mut self, cx: &mut Ctx<'_>) {
+        for id in cx.open_ids() {
+            if self.is_websocket(id) {
+                Self::fail(cx, id, close::GOING_AWAY, "server shutting down");
+            } else {
+                cx.close(id);
+            }
+        }
+    }
+
+    fn before_sleep(&mut self, cx: &mut Ctx<'_>) {
+        self.service.before_sleep(cx);
+    }
+
+    fn can_exit(&self) -> bool {
+        self.service.can_exit()
+    }
+
+    fn poll_timeout_ms(&self) -> Option<u64> {
+        self.service.poll_timeout_ms()
+    }
+}

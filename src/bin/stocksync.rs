@@ -1,0 +1,21 @@
+//! The stocksync server binary: parse flags and environment, then run.
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let settings = match stocksync::cli::Settings::parse(&args, |k| std::env::var(k).ok()) {
+        Ok(Some(settings)) => settings,
+        Ok(None) => {
+            print!("{}", stocksync::cli::usage());
+            return;
+        }
+        Err(e) => {
+            eprintln!("stocksync: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = stocksync::server::start::run(settings) {
+        eprintln!("stocksync: {e}");
+        std::process::exit(1);
+    }
+}

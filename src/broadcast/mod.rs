@@ -1,0 +1,8 @@
+//! Who hears about which SKU, and getting each change to them: the subscription index and the
+//! fan-out with conflation for slow consumers.
+
+pub mod fanout;
+pub mod subscriptions;
+
+pub use fanout::Fanout;
+pub use subscriptions::Subscriptions;

@@ -1,0 +1,418 @@
+//! Command-line flags and `STOCKSYNC_*` environment variables, parsed into a validated
+//! [`Settings`]. A flag beats its variable; both beat the default.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::config::Limits;
+use crate::server::auth::{Role, Token};
+use crate::server::ServiceConfig;
+
+/// How the log syncs to disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// fdatasync every group-commit batch before acknowledging it (the default).
+    Always,
+    /// Never fsync: acknowledged writes can be lost on power failure or kernel crash (but not
+    /// on a process crash). For benchmarks and throwaway data only.
+    Never,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    /// `None`: keep nothing on disk (`--data-dir none`).
+    pub data_dir: Option<PathBuf>,
+    pub fsync: FsyncPolicy,
+    pub write_token: Option<String>,
+    pub tokens_file: Option<PathBuf>,
+    /// Log segment size past which a snapshot is taken.
+    pub snapshot_log_bytes: u64,
+    pub limits: Limits,
+    pub service: ServiceConfig,
+}
+
+struct Flag {
+    name: &'static str,
+    env: &'static str,
+    value: &'static str,
+    help: &'static str,
+}
+
+const FLAGS: &[Flag] = &[
+    Flag {
+        name: "--listen",
+        env: "STOCKSYNC_LISTEN",
+        value: "ADDR",
+        help: "address to listen on (default 0.0.0.0:2346)",
+    },
+    Flag {
+        name: "--data-dir",
+        env: "STOCKSYNC_DATA_DIR",
+        value: "DIR",
+        help:
+            "write-ahead log and snapshots (default ./stocksync-data; `none` keeps nothing on disk)",
+    },
+    Flag {
+        name: "--fsync",
+        env: "STOCKSYNC_FSYNC",
+        value: "always|never",
+        help: "fdatasync each batch before acking (default always; never = benchmarks only)",
+    },
+    Flag {
+        name: "--write-token",
+        env: "STOCKSYNC_WRITE_TOKEN",
+        value: "TOKEN",
+        help: "token with write rights (default: a random one, printed at start)",
+    },
+    Flag {
+        name: "--tokens",
+        env: "STOCKSYNC_TOKENS",
+        value: "FILE",
+        help: "tokens file, lines of `name role secret` (role read|write); reloaded on SIGHUP",
+    },
+    Flag {
+        name: "--public-read",
+        env: "STOCKSYNC_PUBLIC_READ",
+        value: "true|false",
+        help: "allow reads without a token (default true)",
+    },
+    Flag {
+        name: "--allowed-origin",
+        env: "STOCKSYNC_ALLOWED_ORIGINS",
+        value: "ORIGIN[,ORIGIN]",
+        help: "browser origins allowed to open a WebSocket (default any)",
+    },
+    Flag {
+        name: "--max-connections",
+        env: "STOCKSYNC_MAX_CONNECTIONS",
+        value: "N",
+        help: "open connections per process (default 100000)",
+    },
+    Flag {
+        name: "--max-connections-per-ip",
+        env: "STOCKSYNC_MAX_CONNECTIONS_PER_IP",
+        value: "N",
+        help: "open connections per client IP (default 10000)",
+    },
+    Flag {
+        name: "--max-message-bytes",
+        env: "STOCKSYNC_MAX_MESSAGE_BYTES",
+        value: "N",
+        help: "largest WebSocket message (default 1048576; 1009 past it)",
+    },
+    Flag {
+        name: "--max-subscriptions",
+        env: "STOCKSYNC_MAX_SUBSCRIPTIONS",
+        value: "N",
+        help: "SKUs one connection may subscribe to (default 10000)",
+    },
+    Flag {
+        name: "--write-rate",
+        env: "STOCKSYNC_WRITE_RATE",
+        value: "N",
+        help: "writes per second per connection, 0 = unlimited (default 0)",
+    },
+    Flag {
+        name: "--send-high-bytes",
+        env: "STOCKSYNC_SEND_HIGH_BYTES",
+        value: "N",
+        help: "unsent bytes past which updates to a client are conflated (default 262144)",
+    },
+    Flag {
+        name: "--send-max-bytes",
+        env: "STOCKSYNC_SEND_MAX_BYTES",
+        value: "N",
+        help: "unsent bytes past which a client is disconnected, 1008 (default 4194304)",
+    },
+    Flag {
+        name: "--ping-interval",
+        env: "STOCKSYNC_PING_INTERVAL",
+        value: "SECS",
+        help: "WebSocket ping interval, 0 = none (default 25)",
+    },
+    Flag {
+        name: "--idle-timeout",
+        env: "STOCKSYNC_IDLE_TIMEOUT",
+        value: "SECS",
+        help: "close connections silent this long (default 60)",
+    },
+    Flag {
+        name: "--handshake-timeout",
+        env: "STOCKSYNC_HANDSHAKE_TIMEOUT",
+        value: "SECS",
+        help: "time to complete the first request (default 10)",
+    },
+    Flag {
+        name: "--snapshot-log-bytes",
+        env: "STOCKSYNC_SNAPSHOT_LOG_BYTES",
+        value: "N",
+        help: "log size that triggers a snapshot (default 67108864)",
+    },
+];
+
+pub fn usage() -> String {
+    let mut out = String::from(
+        "stocksync: real-time inventory sync server\n\nusage: stocksync [FLAGS]\n\nEach flag can also be set by its environment variable.\n\n",
+    );
+    for f in FLAGS {
+        let _ = writeln!(
+            out,
+            "  {} {:<18} {}\n      env {}",
+            f.name, f.value, f.help, f.env
+        );
+    }
+    out.push_str("  --help                 this text\n\nRUST_LOG=debug for per-connection logs.\n");
+    out
+}
+
+fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{flag}: `{value}` is not a valid number"))
+}
+
+fn parse_bool(flag: &str, value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!("{flag}: `{value}` is not true or false")),
+    }
+}
+
+impl Settings {
+    pub fn defaults() -> Settings {
+        Settings {
+            listen: SocketAddr::from(([0, 0, 0, 0], 2346)),
+            data_dir: Some(PathBuf::from("stocksync-data")),
+            fsync: FsyncPolicy::Always,
+            write_token: None,
+            tokens_file: None,
+            snapshot_log_bytes: 64 * 1024 * 1024,
+            limits: Limits::default(),
+            service: ServiceConfig::default(),
+        }
+    }
+
+    /// Parses flags (without the program name) over environment variables over defaults.
+    /// `Ok(None)` means `--help` was asked for.
+    pub fn parse(
+        args: &[String],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Settings>, String> {
+        let mut given: Vec<(&'static str, String)> = Vec::new();
+        for flag in FLAGS {
+            if let Some(value) = env(flag.env) {
+                given.push((flag.name, value));
+            }
+        }
+        let mut i = 0;
+        while i < args.len() {
+            let arg = &args[i];
+            if arg == "--help" || arg == "-h" {
+                return Ok(None);
+            }
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (arg.as_str(), None),
+            };
+            let flag = FLAGS
+                .iter()
+                .find(|f| f.name == name)
+                .ok_or_else(|| format!("unknown flag `{arg}` (see --help)"))?;
+            let value = match inline {
+                Some(v) => v,
+                None => {
+                    i += 1;
+                    args.get(i)
+                        .cloned()
+                        .ok_or_else(|| format!("{} needs a value", flag.name))?
+                }
+            };
+            given.push((flag.name, value));
+            i += 1;
+        }
+        let mut s = Settings::defaults();
+        for (name, value) in given {
+            s.apply(name, &value)?;
+        }
+        s.limits.validate().map_err(|e| e.0)?;
+        Ok(Some(s))
+    }
+
+    fn apply(&mut self, name: &str, value: &str) -> Result<(), String> {
+        let secs_to_ms = |v: u64| v.saturating_mul(1000);
+        match name {
+            "--listen" => {
+                self.listen = value.parse().map_err(|_| {
+                    format!("--listen: `{value}` is not an address like 0.0.0.0:2346")
+                })?
+            }
+            "--data-dir" => {
+                self.data_dir = match value {
+                    "" | "none" => None,
+                    dir => Some(PathBuf::from(dir)),
+                }
+            }
+            "--fsync" => {
+                self.fsync = match value {
+                    "always" => FsyncPolicy::Always,
+                    "never" => FsyncPolicy::Never,
+                    _ => return Err(format!("--fsync: `{value}` is not always or never")),
+                }
+            }
+            "--write-token" => {
+                if value.is_empty() {
+                    return Err("--write-token: empty token".into());
+                }
+                self.write_token = Some(value.to_string());
+            }
+            "--tokens" => self.tokens_file = Some(PathBuf::from(value)),
+            "--public-read" => self.service.access.public_read = parse_bool(name, value)?,
+            "--allowed-origin" => self.service.allowed_origins.extend(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|o| !o.is_empty())
+                    .map(String::from),
+            ),
+            "--max-connections" => self.limits.connections_max = parse_number(name, value)?,
+            "--max-connections-per-ip" => {
+                self.limits.connections_per_ip_max = parse_number(name, value)?
+            }
+            "--max-message-bytes" => {
+                let bytes: usize = parse_number(name, value)?;
+                self.limits.ws_message_bytes_max = bytes;
+                let needed = bytes + 64 * 1024;
+                self.limits.read_buffer_bytes_max = self.limits.read_buffer_bytes_max.max(needed);
+            }
+            "--max-subscriptions" => {
+                self.service.subscriptions_per_conn_max = parse_number(name, value)?
+            }
+            "--write-rate" => self.service.writes_per_conn_per_sec = parse_number(name, value)?,
+            "--send-high-bytes" => {
+                self.limits.send_queue_high_bytes = parse_number(name, value)?;
+                self.limits.send_queue_low_bytes = self
+                    .limits
+                    .send_queue_low_bytes
+                    .min(self.limits.send_queue_high_bytes / 4);
+            }
+            "--send-max-bytes" => self.limits.send_queue_bytes_max = parse_number(name, value)?,
+            "--ping-interval" => {
+                self.limits.ping_interval_ms = secs_to_ms(parse_number(name, value)?)
+            }
+            "--idle-timeout" => {
+                self.limits.idle_timeout_ms = secs_to_ms(parse_number(name, value)?)
+            }
+            "--handshake-timeout" => {
+                self.limits.handshake_timeout_ms = secs_to_ms(parse_number(name, value)?)
+            }
+            "--snapshot-log-bytes" => self.snapshot_log_bytes = parse_number(name, value)?,
+            _ => return Err(format!("unknown flag `{name}`")),
+        }
+        Ok(())
+    }
+}
+
+/// Reads a tokens file: one token per line, `name role secret`; `#` starts a comment.
+pub fn read_tokens(text: &str) -> Result<Vec<Token>, String> {
+    let mut tokens = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let [name, role, secret] = parts[..] else {
+            return Err(format!("line {}: expected `name role secret`", number + 1));
+        };
+        let role = match role {
+            "read" => Role::Read,
+            "write" => Role::Write,
+            other => {
+                return Err(format!(
+                    "line {}: role `{other}` is not read or write",
+                    number + 1
+                ))
+            }
+        };
+        if secret.len() < 8 {
+            return Err(format!(
+                "line {}: token `{name}` is shorter than 8 characters",
+                number + 1
+            ));
+        }
+        tokens.push(Token {
+            name: name.to_string(),
+            secret: secret.to_string(),
+            role,
+        });
+    }
+    Ok(tokens)
+}
+
+/// A random token (128 bits from the kernel's CSPRNG, hex).
+pub fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_beat_env_and_env_beats_defaults() {
+        let env = |k: &str| match k {
+            "STOCKSYNC_LISTEN" => Some("127.0.0.1:1".to_string()),
+            "STOCKSYNC_WRITE_TOKEN" => Some("from-env".to_string()),
+            _ => None,
+        };
+        let s = Settings::parse(&args(&["--listen", "127.0.0.1:2"]), env)
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.listen.port(), 2);
+        assert_eq!(s.write_token.as_deref(), Some("from-env"));
+        let s = Settings::parse(&args(&["--fsync=never", "--data-dir", "none"]), |_| None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.fsync, FsyncPolicy::Never);
+        assert!(s.data_dir.is_none());
+        assert!(Settings::parse(&args(&["--help"]), |_| None)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        for bad in [
+            &["--listen", "nope"][..],
+            &["--fsync", "sometimes"],
+            &["--max-connections", "-1"],
+            &["--bogus", "1"],
+            &["--listen"],
+        ] {
+            assert!(Settings::parse(&args(bad), |_| None).is_err(), "{bad:?}");
+        }
+        assert!(usage().contains("STOCKSYNC_WRITE_TOKEN"));
+    }
+
+    #[test]
+    fn tokens_file() {
+        let tokens =
+            read_tokens("# comment\nerp write s3cret-123\nshop read viewview\n\n").unwrap();
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(tokens[0].role, Role::Write);
+        assert!(read_tokens("erp admin s3cret-123").is_err());
+        assert!(read_tokens("erp write short").is_err());
+        assert!(read_tokens("erp write").is_err());
+    }
+}

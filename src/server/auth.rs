@@ -1,0 +1,125 @@
+//! Tokens and what they allow. Secrets are compared in constant time and never logged.
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Read,
+    Write,
+}
+
+#[derive(Clone, Debug)]
+pub struct Token {
+    /// A name for logs and metrics (the secret never appears there).
+    pub name: String,
+    pub secret: String,
+    pub role: Role,
+}
+
+/// Compares two secrets in time that depends only on their lengths, not on where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    // black_box keeps the optimiser from turning the fold into an early-exit comparison.
+    std::hint::black_box(diff) == 0
+}
+
+/// The access rules: named tokens with roles, and whether reading needs a token at all.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    pub tokens: Vec<Token>,
+    pub public_read: bool,
+}
+
+/// The outcome of presenting (or not presenting) a token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Grant {
+    /// No token given.
+    Anonymous,
+    /// A known token.
+    Token { name: String, role: Role },
+    /// A token was given but matches none.
+    Invalid,
+}
+
+impl Access {
+    pub fn check(&self, presented: Option<&str>) -> Grant {
+        let Some(secret) = presented else {
+            return Grant::Anonymous;
+        };
+        // Every token is compared, so the time taken does not tell which one matched.
+        let mut found = None;
+        for token in &self.tokens {
+            if constant_time_eq(token.secret.as_bytes(), secret.as_bytes()) && found.is_none() {
+                found = Some(token);
+            }
+        }
+        match found {
+            Some(token) => Grant::Token {
+                name: token.name.clone(),
+                role: token.role,
+            },
+            None => Grant::Invalid,
+        }
+    }
+
+    /// The role a grant carries: `None` means no access at all.
+    pub fn role(&self, grant: &Grant) -> Option<Role> {
+        match grant {
+            Grant::Token { role, .. } => Some(*role),
+            Grant::Anonymous if self.public_read => Some(Role::Read),
+            _ => None,
+        }
+    }
+}
+
+/// The token of a request: `Authorization: Bearer T`, else `?token=T`.
+pub fn presented_token(req: &crate::http::Request) -> Option<String> {
+    if let Some(value) = req.header_str("authorization") {
+        let value = value.trim();
+        if value.len() > 7 && value[..7].eq_ignore_ascii_case("bearer ") {
+            return Some(value[7..].trim().to_string());
+        }
+    }
+    req.query_param("token")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_and_roles() {
+        let access = Access {
+            tokens: vec![
+                Token {
+                    name: "erp".into(),
+                    secret: "s3cret".into(),
+                    role: Role::Write,
+                },
+                Token {
+                    name: "shop".into(),
+                    secret: "view".into(),
+                    role: Role::Read,
+                },
+            ],
+            public_read: true,
+        };
+        assert_eq!(
+            access.role(&access.check(Some("s3cret"))),
+            Some(Role::Write)
+        );
+        assert_eq!(access.role(&access.check(Some("view"))), Some(Role::Read));
+        assert_eq!(access.check(Some("s3cre")), Grant::Invalid);
+        assert_eq!(access.role(&access.check(None)), Some(Role::Read));
+        let closed = Access {
+            public_read: false,
+            ..access
+        };
+        assert_eq!(closed.role(&closed.check(None)), None);
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,261 @@
+//! The HTTP side of the contract (PROTOCOL.md "HTTP API"), on the same port as `/ws`.
+
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+use super::auth::{self, Grant, Role};
+use super::commit::ReplyTo;
+use super::metrics::{self, Snapshot};
+use super::StockService;
+use crate::api::messages::{self, WriteRequest};
+use crate::api::{reply, ApiError, ErrorCode};
+use crate::http::{Match, Method, Request, Response, Router};
+use crate::net::{ConnId, Ctx, Frame};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    StockOne,
+    StockMany,
+    WriteOne,
+    WriteBatch,
+    Health,
+    Metrics,
+    Index,
+}
+
+fn router() -> &'static Router<Route> {
+    static ROUTER: OnceLock<Router<Route>> = OnceLock::new();
+    ROUTER.get_or_init(|| {
+        let mut r = Router::new();
+        r.add(Method::Get, "/stock/{*sku}", Route::StockOne)
+            .add(Method::Get, "/stock", Route::StockMany)
+            .add(Method::Post, "/stock/batch", Route::WriteBatch)
+            .add(Method::Post, "/stock/{*sku}", Route::WriteOne)
+            .add(Method::Get, "/healthz", Route::Health)
+            .add(Method::Get, "/metrics", Route::Metrics)
+            .add(Method::Get, "/", Route::Index);
+        r
+    })
+}
+
+fn error_response(error: &ApiError) -> Response {
+    Response::json(error.code.http_status(), reply::http_error_body(error))
+}
+
+impl StockService {
+    /// Serves one request: `Some` answers now, `None` means the answer is queued (a write
+    /// waiting for the log, or a reply behind one).
+    pub(super) fn handle_http(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        id: ConnId,
+        req: &Request,
+    ) -> Option<Response> {
+        self.metrics.http_requests_total += 1;
+        let keep_alive = req.keep_alive();
+        let (route, param) = match router().find(req.method, &req.path) {
+            Match::Found { route, param } => (route, param.map(str::to_string)),
+            Match::NotFound => {
+                let error =
+                    ApiError::new(ErrorCode::NotFound, format!("no route for {}", req.path));
+                return self.answer(cx, id, error_response(&error), keep_alive);
+            }
+            Match::MethodNotAllowed { allow } => {
+                let error = ApiError::new(
+                    ErrorCode::MethodNotAllowed,
+                    format!("{} not allowed here", req.method_name),
+                );
+                return self.answer(
+                    cx,
+                    id,
+                    error_response(&error).header("Allow", allow),
+                    keep_alive,
+                );
+            }
+        };
+        // Health and metrics are for operators and load balancers: no token needed.
+        match route {
+            Route::Health => return self.answer(cx, id, self.health(cx), keep_alive),
+            Route::Metrics => {
+                let body = self.metrics_text(cx);
+                let response = Response::new(200).body(
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    body.into_bytes(),
+                );
+                return self.answer(cx, id, response, keep_alive);
+            }
+            Route::Index => {
+                let response =
+                    Response::text(200, "stocksync: WebSocket at /ws, HTTP API at /stock\n");
+                return self.answer(cx, id, response, keep_alive);
+            }
+            _ => {}
+        }
+        let grant = self
+            .config
+            .access
+            .check(auth::presented_token(req).as_deref());
+        let role = self.config.access.role(&grant);
+        if grant == Grant::Invalid || role.is_none() {
+            let message = if grant == Grant::Invalid {
+                "invalid token"
+            } else {
+                "a token is required"
+            };
+            let error = ApiError::new(ErrorCode::Unauthorized, message);
+            self.metrics.count_error(error.code);
+            return self.answer(cx, id, error_response(&error), keep_alive);
+        }
+        match route {
+            Route::StockOne => {
+                let name = param.unwrap_or_default();
+                if let Err(error) = messages::check_sku(&name) {
+                    return self.answer(cx, id, error_response(&error), keep_alive);
+                }
+                let mut body = Vec::with_capacity(128);
+                reply::write_state(&mut body, &name, self.visible_by_name(&name));
+                self.answer(cx, id, Response::json(200, body), keep_alive)
+            }
+            Route::StockMany => {
+                let list = req.query_param("skus").unwrap_or_default();
+                let names: Vec<&str> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if names.len() > self.config.message_limits.skus_per_message_max {
+                    let error = ApiError::new(ErrorCode::TooLarge, "too many SKUs in ?skus=");
+                    return self.answer(cx, id, error_response(&error), keep_alive);
+                }
+                if let Some(error) = names.iter().find_map(|n| messages::check_sku(n).err()) {
+                    return self.answer(cx, id, error_response(&error), keep_alive);
+                }
+                let states: Vec<(&str, crate::stock::Stock)> = names
+                    .iter()
+                    .map(|&n| (n, self.visible_by_name(n)))
+                    .collect();
+                let body = reply::http_stock_body(&states, true, false);
+                self.answer(cx, id, Response::json(200, body), keep_alive)
+            }
+            Route::WriteOne | Route::WriteBatch => {
+                let reply_to = ReplyTo::Http { keep_alive };
+                if role != Some(Role::Write) {
+                    let error = ApiError::new(
+                        ErrorCode::Unauthorized,
+                        "writing needs a token with write rights",
+                    );
+                    self.refuse(cx, id, &reply_to, &error);
+                    return None;
+                }
+                if !self.allow_write(cx, id) {
+                    let error = ApiError::new(
+                        ErrorCode::RateLimited,
+                        "too many writes on this connection; slow down",
+                    );
+                    self.refuse(cx, id, &reply_to, &error);
+                    return None;
+                }
+                match parse_write(req, route, param.as_deref(), &self.config.message_limits) {
+                    Ok(write) => self.write(cx, id, write, reply_to),
+                    Err(error) => self.refuse(cx, id, &reply_to, &error),
+                }
+                None
+            }
+            Route::Health | Route::Metrics | Route::Index => unreachable!("answered above"),
+        }
+    }
+
+    /// Answers now unless this connection has replies waiting (pipelining keeps order).
+    fn answer(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        id: ConnId,
+        response: Response,
+        keep_alive: bool,
+    ) -> Option<Response> {
+        if self.session_ref(id).is_some_and(|s| s.outbox_pending > 0) {
+            let response = if keep_alive {
+                response
+            } else {
+                response.close()
+            };
+            self.reply(cx, id, Frame::from(response.to_bytes()), !keep_alive, false);
+            return None;
+        }
+        Some(response)
+    }
+
+    fn health(&self, cx: &Ctx<'_>) -> Response {
+        let refusing = self.log.refusing();
+        let body = serde_json::json!({
+            "status": if refusing.is_none() { "ok" } else { "unavailable" },
+            "role": self.config.role_name,
+            "uptime_seconds": self.uptime_secs(cx),
+            "connections": cx.connection_count(),
+            "store": {
+                "skus": self.store.known_len(),
+                "writable": refusing.is_none(),
+                "reason": refusing,
+                "idempotency_keys": self.keys.len(),
+            },
+        });
+        let status = if refusing.is_none() { 200 } else { 503 };
+        Response::json(status, body.to_string().into_bytes())
+    }
+
+    fn metrics_text(&self, cx: &Ctx<'_>) -> String {
+        let log_stats = self.log.stats();
+        metrics::render(&Snapshot {
+            service: &self.metrics,
+            loop_stats: cx.stats(),
+            fanout: &self.fanout.stats,
+            log: &log_stats,
+            connections_open: cx.connection_count(),
+            skus_known: self.store.known_len(),
+            idempotency_keys: self.keys.len(),
+            writes_refused: self.log.refusing().is_some(),
+            uptime_seconds: self.uptime_secs(cx),
+        })
+    }
+}
+
+/// Parses the body of `POST /stock/{sku}` (an op without `id`) or `POST /stock/batch`.
+fn parse_write(
+    req: &Request,
+    route: Route,
+    sku: Option<&str>,
+    limits: &messages::MessageLimits,
+) -> Result<WriteRequest, ApiError> {
+    let body: Value = serde_json::from_slice(&req.body)
+        .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))?;
+    if !body.is_object() {
+        return Err(ApiError::bad_request("body must be a JSON object"));
+    }
+    let header_key = match req.header_str("idempotency-key") {
+        Some(key) => messages::parse_key(Some(&Value::String(key.to_string())))?,
+        None if req.header("idempotency-key").is_some() => {
+            return Err(ApiError::bad_request(
+                "Idempotency-Key must be 1 to 128 bytes of text",
+            ))
+        }
+        None => None,
+    };
+    let body_key = messages::parse_key(body.get("idempotency_key"))?;
+    let key = messages::merge_keys(header_key, body_key)?;
+    if route == Route::WriteBatch {
+        let ops = messages::parse_batch_ops(body.get("ops"), limits)?;
+        return Ok(WriteRequest {
+            batch: true,
+            ops,
+            idempotency_key: key,
+        });
+    }
+    let sku = sku.unwrap_or_default();
+    let (op, _) = messages::parse_op(&body, Some(sku))?;
+    Ok(WriteRequest {
+        batch: false,
+        ops: vec![op],
+        idempotency_key: key,
+    })
+}

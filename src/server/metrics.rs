@@ -1,0 +1,383 @@
+//! Service counters and their Prometheus text exposition (`GET /metrics`).
+//!
+//! Names follow Prometheus conventions: `stocksync_` prefix, `_total` for counters, base units
+//! (`_seconds`, `_bytes`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::Duration;
+
+use crate::api::ErrorCode;
+use crate::broadcast::fanout::FanoutStats;
+use crate::net::LoopStats;
+use crate::stock::Op;
+use crate::wal::LogStats;
+
+/// Upper bounds (seconds) of the ack latency histogram buckets.
+pub const ACK_LATENCY_BUCKETS_SECONDS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+];
+
+#[derive(Clone, Debug, Default)]
+pub struct Histogram {
+    counts: [u64; ACK_LATENCY_BUCKETS_SECONDS.len()],
+    count: u64,
+    sum_seconds: f64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (bound, count) in ACK_LATENCY_BUCKETS_SECONDS
+            .iter()
+            .zip(self.counts.iter_mut())
+        {
+            if seconds <= *bound {
+                *count += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_seconds += seconds;
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    pub ws_opened_total: u64,
+    pub ws_messages_in_total: u64,
+    pub http_requests_total: u64,
+    pub changes_total: u64,
+    pub duplicates_total: u64,
+    pub rolled_back_total: u64,
+    pub rate_limited_total: u64,
+    pub rejected_origin_total: u64,
+    pub slow_consumer_full_total: u64,
+    pub slow_consumer_closed_total: u64,
+    /// (action, result) -> ops; result is "ok" or an error code.
+    pub ops: BTreeMap<(&'static str, &'static str), u64>,
+    /// error code -> replies.
+    pub errors: BTreeMap<&'static str, u64>,
+    pub ack_latency: Histogram,
+}
+
+impl Metrics {
+    pub fn count_error(&mut self, code: ErrorCode) {
+        *self.errors.entry(code.as_str()).or_insert(0) += 1;
+    }
+
+    /// Counts each op of an accepted (`None`) or refused write.
+    pub fn count_op_result(&mut self, ops: &[Op], error: Option<ErrorCode>) {
+        let result = error.map_or("ok", ErrorCode::as_str);
+        for op in ops {
+            *self.ops.entry((op.action.as_str(), result)).or_insert(0) += 1;
+        }
+    }
+}
+
+/// Everything /metrics shows, gathered from each layer.
+pub struct Snapshot<'a> {
+    pub service: &'a Metrics,
+    pub loop_stats: &'a LoopStats,
+    pub fanout: &'a FanoutStats,
+    pub log: &'a LogStats,
+    pub connections_open: usize,
+    pub skus_known: usize,
+    pub idempotency_keys: usize,
+    pub writes_refused: bool,
+    pub uptime_seconds: u64,
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+pub fn render(s: &Snapshot<'_>) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    let l = s.loop_stats;
+    single(
+        &mut out,
+        "stocksync_connections_open",
+        "gauge",
+        "Open connections.",
+        s.connections_open,
+    );
+    single(
+        &mut out,
+        "stocksync_connections_accepted_total",
+        "counter",
+        "Connections accepted.",
+        l.accepted_total,
+    );
+    family(
+        &mut out,
+        "stocksync_connections_rejected_total",
+        "counter",
+        "Connections refused at accept, by limit.",
+    );
+    let _ = writeln!(
+        out,
+        "stocksync_connections_rejected_total{{reason=\"connections_max\"}} {}",
+        l.rejected_limit_total
+    );
+    let _ = writeln!(
+        out,
+        "stocksync_connections_rejected_total{{reason=\"per_ip\"}} {}",
+        l.rejected_per_ip_total
+    );
+    single(
+        &mut out,
+        "stocksync_connections_closed_total",
+        "counter",
+        "Connections closed.",
+        l.closed_total,
+    );
+    single(
+        &mut out,
+        "stocksync_websocket_upgrades_total",
+        "counter",
+        "WebSocket connections opened.",
+        s.service.ws_opened_total,
+    );
+    single(
+        &mut out,
+        "stocksync_messages_in_total",
+        "counter",
+        "WebSocket messages received.",
+        s.service.ws_messages_in_total,
+    );
+    single(
+        &mut out,
+        "stocksync_http_requests_total",
+        "counter",
+        "HTTP requests served (not upgrades).",
+        s.service.http_requests_total,
+    );
+    single(
+        &mut out,
+        "stocksync_bytes_in_total",
+        "counter",
+        "Bytes read from clients.",
+        l.bytes_in_total,
+    );
+    single(
+        &mut out,
+        "stocksync_bytes_out_total",
+        "counter",
+        "Bytes written to clients.",
+        l.bytes_out_total,
+    );
+    single(
+        &mut out,
+        "stocksync_socket_writes_total",
+        "counter",
+        "Vectored socket writes.",
+        l.writes_total,
+    );
+    single(
+        &mut out,
+        "stocksync_frames_broadcast_total",
+        "counter",
+        "Stock updates framed for broadcast (once each).",
+        s.fanout.frames_built_total,
+    );
+    single(
+        &mut out,
+        "stocksync_broadcast_deliveries_total",
+        "counter",
+        "Broadcast frames queued to subscribers.",
+        s.fanout.deliveries_total,
+    );
+    family(
+        &mut out,
+        "stocksync_slow_consumer_actions_total",
+        "counter",
+        "What slow consumers cost: conflated updates, full/closed connections.",
+    );
+    let _ = writeln!(
+        out,
+        "stocksync_slow_consumer_actions_total{{action=\"conflated\"}} {}",
+        s.fanout.conflated_total
+    );
+    let _ = writeln!(
+        out,
+        "stocksync_slow_consumer_actions_total{{action=\"conflated_sent\"}} {}",
+        s.fanout.conflated_sent_total
+    );
+    let _ = writeln!(
+        out,
+        "stocksync_slow_consumer_actions_total{{action=\"buffer_full\"}} {}",
+        s.service.slow_consumer_full_total
+    );
+    let _ = writeln!(
+        out,
+        "stocksync_slow_consumer_actions_total{{action=\"closed\"}} {}",
+        s.service.slow_consumer_closed_total
+    );
+    single(
+        &mut out,
+        "stocksync_changes_total",
+        "counter",
+        "Accepted changes made durable and broadcast.",
+        s.service.changes_total,
+    );
+    single(
+        &mut out,
+        "stocksync_idempotent_duplicates_total",
+        "counter",
+        "Writes answered from the idempotency cache.",
+        s.service.duplicates_total,
+    );
+    single(
+        &mut out,
+        "stocksync_rolled_back_total",
+        "counter",
+        "Changes undone because the log failed.",
+        s.service.rolled_back_total,
+    );
+    single(
+        &mut out,
+        "stocksync_rate_limited_total",
+        "counter",
+        "Writes refused by a rate limit.",
+        s.service.rate_limited_total,
+    );
+    single(
+        &mut out,
+        "stocksync_origin_rejected_total",
+        "counter",
+        "WebSocket handshakes refused for their Origin.",
+        s.service.rejected_origin_total,
+    );
+    single(
+        &mut out,
+        "stocksync_handler_panics_total",
+        "counter",
+        "Callbacks that panicked (each closed its connection).",
+        l.handler_panics_total,
+    );
+    family(
+        &mut out,
+        "stocksync_ops_total",
+        "counter",
+        "Ops by action and result.",
+    );
+    for ((action, result), n) in &s.service.ops {
+        let _ = writeln!(
+            out,
+            "stocksync_ops_total{{action=\"{action}\",result=\"{result}\"}} {n}"
+        );
+    }
+    family(
+        &mut out,
+        "stocksync_errors_total",
+        "counter",
+        "Error replies by code.",
+    );
+    for (code, n) in &s.service.errors {
+        let _ = writeln!(out, "stocksync_errors_total{{code=\"{code}\"}} {n}");
+    }
+    let h = &s.service.ack_latency;
+    family(
+        &mut out,
+        "stocksync_ack_latency_seconds",
+        "histogram",
+        "From receiving a write to sending its ack (includes the log fsync).",
+    );
+    for (bound, count) in ACK_LATENCY_BUCKETS_SECONDS.iter().zip(h.counts.iter()) {
+        let _ = writeln!(
+            out,
+            "stocksync_ack_latency_seconds_bucket{{le=\"{bound}\"}} {count}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "stocksync_ack_latency_seconds_bucket{{le=\"+Inf\"}} {}",
+        h.count
+    );
+    let _ = writeln!(out, "stocksync_ack_latency_seconds_sum {}", h.sum_seconds);
+    let _ = writeln!(out, "stocksync_ack_latency_seconds_count {}", h.count);
+    single(
+        &mut out,
+        "stocksync_skus_known",
+        "gauge",
+        "SKUs ever written.",
+        s.skus_known,
+    );
+    single(
+        &mut out,
+        "stocksync_idempotency_keys",
+        "gauge",
+        "Idempotency keys remembered.",
+        s.idempotency_keys,
+    );
+    single(
+        &mut out,
+        "stocksync_writes_refused",
+        "gauge",
+        "1 while the store refuses writes (log failing).",
+        u8::from(s.writes_refused),
+    );
+    single(
+        &mut out,
+        "stocksync_log_records_total",
+        "counter",
+        "Records appended to the write-ahead log.",
+        s.log.records_total,
+    );
+    single(
+        &mut out,
+        "stocksync_log_batches_total",
+        "counter",
+        "Group-commit batches written.",
+        s.log.batches_total,
+    );
+    single(
+        &mut out,
+        "stocksync_log_fsyncs_total",
+        "counter",
+        "fdatasync calls on the log.",
+        s.log.fsyncs_total,
+    );
+    single(
+        &mut out,
+        "stocksync_log_written_bytes_total",
+        "counter",
+        "Bytes written to the log.",
+        s.log.bytes_total,
+    );
+    single(
+        &mut out,
+        "stocksync_log_failures_total",
+        "counter",
+        "Failed log writes or fsyncs.",
+        s.log.failures_total,
+    );
+    single(
+        &mut out,
+        "stocksync_log_snapshots_total",
+        "counter",
+        "Snapshots written.",
+        s.log.snapshots_total,
+    );
+    single(
+        &mut out,
+        "stocksync_log_bytes",
+        "gauge",
+        "Current size of the log files.",
+        s.log.log_bytes,
+    );
+    single(
+        &mut out,
+        "stocksync_uptime_seconds",
+        "gauge",
+        "Seconds since start.",
+        s.uptime_seconds,
+    );
+    out
+}

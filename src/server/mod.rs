@@ -1,0 +1,373 @@
+//! The stock service: the [`Service`] that serves PROTOCOL.md over WebSocket and HTTP on one
+//! port, on top of the store, the subscription index, the fan-out and the log.
+//!
+//! Visibility rule ("nothing acknowledged is ever lost", and nobody sees what might be):
+//! - A write is applied to the store at once, so later writes are checked against it, and its
+//!   record is appended to the log. Its ack and its broadcast wait in the outbox until the log
+//!   reports the record durable.
+//! - Reads (get, subscribe snapshots, conflated sends, HTTP GET) see only durable state: for a
+//!   SKU with a change in flight, `overlay` holds its last durable state.
+//! - Replies to a connection that has something waiting in the outbox queue behind it, so each
+//!   connection sees its replies in the order it asked.
+//! - If the log fails, every change in flight is undone in reverse order and refused with
+//!   `unavailable`; nothing of it was ever visible.
+
+pub mod auth;
+mod commit;
+mod durable;
+mod http_api;
+pub mod metrics;
+pub mod start;
+mod ws_api;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use log::info;
+use serde_json::Value;
+
+use crate::api::messages::MessageLimits;
+use crate::app::{Service, WsMessage};
+use crate::broadcast::{Fanout, Subscriptions};
+use crate::http::{Request, Response};
+use crate::net::{ConnId, Ctx, Frame, Pressure};
+use crate::stock::{IdempotencyCache, SkuId, Stock, Store};
+use crate::wal::Log;
+use auth::{Access, Role};
+use commit::{Body, Outgoing};
+use metrics::Metrics;
+
+/// Service settings beyond the loop's limits.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub access: Access,
+    pub message_limits: MessageLimits,
+    /// SKUs one connection may subscribe to by name (`*` counts as one).
+    pub subscriptions_per_conn_max: usize,
+    /// Idempotency keys remembered; past it keyed writes are refused (`unavailable`).
+    pub idempotency_keys_max: usize,
+    pub idempotency_ttl_secs: u64,
+    /// Writes per second per connection (0 = unlimited); past it: `rate_limited` / 429.
+    pub writes_per_conn_per_sec: u32,
+    /// Browser origins allowed to open a WebSocket (empty = any).
+    pub allowed_origins: Vec<String>,
+    /// Role shown in /healthz ("embedded", later "redis").
+    pub role_name: String,
+    /// Re-read on SIGHUP; its tokens join `fixed_tokens`.
+    pub tokens_file: Option<std::path::PathBuf>,
+    pub fixed_tokens: Vec<auth::Token>,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            access: Access {
+                tokens: Vec::new(),
+                public_read: true,
+            },
+            message_limits: MessageLimits::default(),
+            subscriptions_per_conn_max: 10_000,
+            idempotency_keys_max: 1_000_000,
+            idempotency_ttl_secs: crate::stock::idempotency::IDEMPOTENCY_TTL_SECS,
+            writes_per_conn_per_sec: 0,
+            allowed_origins: Vec::new(),
+            role_name: "embedded".into(),
+            tokens_file: None,
+            fixed_tokens: Vec::new(),
+        }
+    }
+}
+
+/// Per-connection state of the service (HTTP and WebSocket alike).
+#[derive(Default)]
+struct Session {
+    generation: u32,
+    role: Option<Role>,
+    websocket: bool,
+    /// Entries of the outbox addressed to this connection: while non-zero its replies queue.
+    outbox_pending: u32,
+    /// Write rate window: start (loop ms) and writes in it.
+    window_start_ms: u64,
+    window_writes: u32,
+}
+
+pub struct StockService {
+    config: ServiceConfig,
+    store: Store,
+    keys: IdempotencyCache,
+    subs: Subscriptions,
+    fanout: Fanout,
+    log: Box<dyn Log>,
+    /// Last durable state and latest in-flight sequence of every SKU with a change in flight.
+    overlay: HashMap<SkuId, (Stock, u64)>,
+    outbox: VecDeque<Outgoing>,
+    /// Highest sequence number appended to the log.
+    last_seq: u64,
+    sessions: Vec<Session>,
+    released: Vec<SkuId>,
+    pub metrics: Metrics,
+    started_ms: u64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl StockService {
+    pub fn new(
+        config: ServiceConfig,
+        store: Store,
+        keys: IdempotencyCache,
+        log: Box<dyn Log>,
+    ) -> Self {
+        StockService {
+            config,
+            store,
+            keys,
+            subs: Subscriptions::new(),
+            fanout: Fanout::new(),
+            log,
+            overlay: HashMap::new(),
+            outbox: VecDeque::new(),
+            last_seq: 0,
+            sessions: Vec::new(),
+            released: Vec::new(),
+            metrics: Metrics::default(),
+            started_ms: 0,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn log(&self) -> &dyn Log {
+        self.log.as_ref()
+    }
+
+    /// Replaces the access rules (SIGHUP reload of the tokens file).
+    pub fn set_access(&mut self, access: Access) {
+        self.config.access = access;
+    }
+
+    fn session(&mut self, id: ConnId) -> &mut Session {
+        let index = id.index as usize;
+        if self.sessions.len() <= index {
+            self.sessions.resize_with(index + 1, Session::default);
+        }
+        let session = &mut self.sessions[index];
+        if session.generation != id.generation {
+            *session = Session {
+                generation: id.generation,
+                ..Session::default()
+            };
+        }
+        session
+    }
+
+    fn session_ref(&self, id: ConnId) -> Option<&Session> {
+        self.sessions
+            .get(id.index as usize)
+            .filter(|s| s.generation == id.generation)
+    }
+
+    fn role(&self, id: ConnId) -> Option<Role> {
+        self.session_ref(id).and_then(|s| s.role)
+    }
+
+    /// The durable state of a SKU: what every reader sees.
+    fn visible(&self, sku: SkuId) -> Stock {
+        match self.overlay.get(&sku) {
+            Some(&(durable, _)) => durable,
+            None => self.store.get(sku),
+        }
+    }
+
+    fn visible_by_name(&self, name: &str) -> Stock {
+        self.store
+            .lookup(name)
+            .map_or(Stock::default(), |sku| self.visible(sku))
+    }
+
+    /// Sends a reply now, or behind this connection's waiting outbox entries (or behind
+    /// everything in flight, when `wait_for_inflight`).
+    fn reply(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        id: ConnId,
+        frame: Frame,
+        close_after: bool,
+        wait_for_inflight: bool,
+    ) {
+        let waiting = self.session_ref(id).is_some_and(|s| s.outbox_pending > 0);
+        if waiting || (wait_for_inflight && !self.outbox.is_empty()) {
+            self.session(id).outbox_pending += 1;
+            self.outbox.push_back(Outgoing::Reply {
+                seq: self.last_seq,
+                to: id,
+                body: Body::Frame(frame),
+                close_after,
+            });
+            return;
+        }
+        cx.send(id, frame);
+        if close_after {
+            cx.close(id);
+        }
+    }
+
+    /// Replies with the visible state of `skus` (or of every known SKU), built now or, if this
+    /// connection has replies waiting, when its turn comes.
+    fn reply_states(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        id: ConnId,
+        kind: &'static str,
+        request_id: Option<Value>,
+        names: Vec<String>,
+        all_known: bool,
+    ) {
+        if self.session_ref(id).is_some_and(|s| s.outbox_pending > 0) {
+            self.session(id).outbox_pending += 1;
+            let body = Body::States {
+                kind,
+                id: request_id,
+                names,
+                all_known,
+            };
+            self.outbox.push_back(Outgoing::Reply {
+                seq: self.last_seq,
+                to: id,
+                body,
+                close_after: false,
+            });
+            return;
+        }
+        let frame = self.states_frame(kind, request_id.as_ref(), &names, all_known);
+        cx.send(id, frame);
+    }
+
+    /// Drops SKUs that nobody references and that were never written (reads and subscriptions
+    /// of arbitrary names must not grow memory forever).
+    fn forget_unused(&mut self, skus: impl IntoIterator<Item = SkuId>) {
+        for sku in skus {
+            if self.store.get(sku).version == 0 && !self.subs_reference(sku) {
+                self.store.forget(sku);
+            }
+        }
+    }
+
+    fn subs_reference(&self, sku: SkuId) -> bool {
+        self.subs.is_held(sku)
+    }
+
+    fn uptime_secs(&self, cx: &Ctx<'_>) -> u64 {
+        (cx.now_ms() - self.started_ms) / 1000
+    }
+}
+
+impl Service for StockService {
+    fn wants_websocket(&self, req: &Request) -> bool {
+        req.path == "/ws" || (req.path == "/" && req.is_upgrade())
+    }
+
+    fn on_request(&mut self, cx: &mut Ctx<'_>, id: ConnId, req: &Request) -> Option<Response> {
+        self.handle_http(cx, id, req)
+    }
+
+    fn on_upgrade(&mut self, cx: &mut Ctx<'_>, id: ConnId, req: &Request) -> Result<(), Response> {
+        self.upgrade(cx, id, req)
+    }
+
+    fn on_ws_open(&mut self, cx: &mut Ctx<'_>, id: ConnId, req: &Request) {
+        self.ws_open(cx, id, req);
+    }
+
+    fn on_ws_message(&mut self, cx: &mut Ctx<'_>, id: ConnId, message: WsMessage<'_>) {
+        self.metrics.ws_messages_in_total += 1;
+        match message {
+            WsMessage::Text(text) => self.ws_text(cx, id, text),
+            WsMessage::Binary(_) => {
+                let error = crate::api::ApiError::bad_request("messages must be JSON text frames");
+                self.reply(cx, id, crate::api::reply::error(None, &error), false, false);
+            }
+        }
+    }
+
+    fn on_ws_close(&mut self, _cx: &mut Ctx<'_>, id: ConnId) {
+        let mut released = std::mem::take(&mut self.released);
+        self.subs.remove_conn(id, &mut released);
+        self.fanout.remove_conn(id);
+        self.forget_unused(released.drain(..));
+        self.released = released;
+    }
+
+    fn on_buffer_full(&mut self, _cx: &mut Ctx<'_>, _id: ConnId, pressure: Pressure) {
+        match pressure {
+            Pressure::High => self.metrics.slow_consumer_full_total += 1,
+            Pressure::Hard => self.metrics.slow_consumer_closed_total += 1,
+        }
+    }
+
+    fn on_buffer_drain(&mut self, cx: &mut Ctx<'_>, id: ConnId) {
+        if !self.fanout.has_pending(id) {
+            return;
+        }
+        let store = &self.store;
+        let overlay = &self.overlay;
+        self.fanout.drain(cx, &self.subs, id, |sku| {
+            let stock = overlay
+                .get(&sku)
+                .map_or_else(|| store.get(sku), |&(durable, _)| durable);
+            crate::api::reply::stock_update(store.name(sku), stock)
+        });
+    }
+
+    fn on_wake(&mut self, cx: &mut Ctx<'_>) {
+        self.settle(cx);
+    }
+
+    fn before_sleep(&mut self, cx: &mut Ctx<'_>) {
+        if self.started_ms == 0 {
+            self.started_ms = cx.now_ms();
+        }
+        self.log.submit();
+        self.settle(cx);
+        self.maybe_snapshot();
+    }
+
+    fn can_exit(&self) -> bool {
+        !self.log.in_flight() && self.outbox.is_empty()
+    }
+
+    fn on_reload(&mut self, _cx: &mut Ctx<'_>) {
+        let Some(path) = self.config.tokens_file.clone() else {
+            return;
+        };
+        match start::load_tokens(None, Some(&path)) {
+            Ok(file_tokens) => {
+                let mut tokens = self.config.fixed_tokens.clone();
+                let count = file_tokens.len();
+                tokens.extend(file_tokens);
+                self.config.access.tokens = tokens;
+                info!("tokens reloaded: {count} from {}", path.display());
+            }
+            Err(e) => log::error!("tokens not reloaded, keeping the old ones: {e}"),
+        }
+    }
+
+    fn poll_timeout_ms(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Echoed request id, borrowed for reply builders.
+fn id_ref(id: &Option<Value>) -> Option<&Value> {
+    id.as_ref()
+}
+
+pub(crate) fn log_started(addr: std::net::SocketAddr) {
+    info!("stocksync listening on {addr}");
+}

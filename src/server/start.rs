@@ -1,0 +1,89 @@
+//! Starting a server process from [`Settings`]: tokens, store recovery, the log, the loop.
+
+use log::{error, info, warn};
+
+use super::auth::{Role, Token};
+use super::StockService;
+use crate::app::Protocol;
+use crate::cli::{self, Settings};
+use crate::net::EventLoop;
+use crate::stock::{IdempotencyCache, Store};
+use crate::wal::memory::MemoryLog;
+use crate::wal::Log;
+
+/// The tokens in force: the write token plus those of the tokens file.
+pub fn load_tokens(
+    settings_token: Option<&Token>,
+    file: Option<&std::path::Path>,
+) -> Result<Vec<Token>, String> {
+    let mut tokens: Vec<Token> = settings_token.cloned().into_iter().collect();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read tokens file {}: {e}", path.display()))?;
+        tokens.extend(
+            cli::read_tokens(&text).map_err(|e| format!("tokens file {}: {e}", path.display()))?,
+        );
+    }
+    Ok(tokens)
+}
+
+/// Runs the server until SIGINT/SIGTERM. Errors are for the operator (bad data dir, port in
+/// use); the process exits non-zero with them.
+pub fn run(settings: Settings) -> Result<(), String> {
+    let write_token = match &settings.write_token {
+        Some(secret) => Token {
+            name: "write-token".into(),
+            secret: secret.clone(),
+            role: Role::Write,
+        },
+        None => {
+            let secret =
+                cli::random_token().map_err(|e| format!("cannot generate a write token: {e}"))?;
+            // Printed once so a first run just works; never logged again.
+            println!("stocksync: no --write-token given; this run's write token is {secret}");
+            Token {
+                name: "generated".into(),
+                secret,
+                role: Role::Write,
+            }
+        }
+    };
+    let tokens = load_tokens(Some(&write_token), settings.tokens_file.as_deref())?;
+    let mut service_config = settings.service.clone();
+    service_config.access.tokens = tokens;
+    service_config.tokens_file = settings.tokens_file.clone();
+    service_config.fixed_tokens = vec![write_token];
+
+    let keys = IdempotencyCache::new(
+        service_config.idempotency_keys_max,
+        service_config.idempotency_ttl_secs,
+    );
+    let (store, keys, log): (Store, IdempotencyCache, Box<dyn Log>) = match &settings.data_dir {
+        None => {
+            warn!("no data dir: stock lives in memory only and is lost when the process ends");
+            (Store::new(), keys, Box::new(MemoryLog::new()))
+        }
+        Some(dir) => super::durable::open(dir, &settings, keys)?,
+    };
+    info!(
+        "store ready: {} SKUs, {} idempotency keys",
+        store.known_len(),
+        keys.len()
+    );
+    let limits = settings.limits.clone();
+    let mut event_loop = EventLoop::bind(settings.listen, limits.clone(), |_waker| {
+        Protocol::new(StockService::new(service_config, store, keys, log), &limits)
+    })
+    .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    event_loop
+        .handle_signals()
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    super::log_started(event_loop.local_addr());
+    match event_loop.run() {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            error!("event loop failed: {e}");
+            Err(format!("event loop failed: {e}"))
+        }
+    }
+}

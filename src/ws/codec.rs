@@ -1,0 +1,1632 @@
+//! Server-side decoding of client frames into messages (RFC 6455 §5, §6.2).
+//!
+//! # Contract
+//!
+//! The caller owns the read buffer. It calls [`Decoder::decode`] with the unconsumed bytes, drops the
+//! `consumed` bytes it is told about, and calls again until `Ok(None)` (more bytes are needed) or an
+//! error. `Ok(None)` never consumes or changes anything, so the caller simply retries once more bytes
+//! have arrived. A frame is decoded only when it is wholly in the buffer, so the buffer must be able to
+//! hold [`Decoder::frame_bytes_max`] bytes; the size limit is checked from the frame header, before any
+//! of the payload has to be buffered.
+//!
+//! On an error the caller sends a close frame with [`ProtocolError::close_code`] and stops decoding:
+//! RFC 6455 §7.1.7 "Fail the WebSocket Connection". The decoder's state after an error is unspecified
+//! (but safe to use and to drop).
+//!
+//! Payloads are unmasked in place in the caller's buffer. A message that fits in one frame is returned
+//! borrowing that buffer (no copy); only a fragmented message is assembled in the decoder, in memory
+//! that exists only while such a message is open.
+
+use std::fmt;
+
+use super::close;
+use super::frame::{FrameHeader, OpCode, CLIENT_HEADER_BYTES_MAX, CONTROL_PAYLOAD_BYTES_MAX};
+use super::mask::apply_mask;
+
+/// Upper bound on `size_of::<Decoder>()`: one is kept per connection, so an idle one must stay small.
+pub const DECODER_BYTES_MAX: usize = 48;
+const _: () = assert!(std::mem::size_of::<Decoder>() <= DECODER_BYTES_MAX);
+
+/// A complete message or control frame, borrowing either the caller's buffer (single frame) or the
+/// decoder (assembled from fragments).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// A text message, already checked to be UTF-8 (RFC 6455 §5.6, §8.1).
+    Text(&'a str),
+    /// A binary message.
+    Binary(&'a [u8]),
+    /// A ping; RFC 6455 §5.5.2 asks for a pong with the same payload.
+    Ping(&'a [u8]),
+    /// A pong (RFC 6455 §5.5.3).
+    Pong(&'a [u8]),
+    /// A close frame; `None` when it carried no status code (RFC 6455 §5.5.1).
+    Close(Option<CloseFrame<'a>>),
+}
+
+/// The body of a close frame (RFC 6455 §5.5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseFrame<'a> {
+    /// Status code; always one that [`close::is_valid_received`] accepts.
+    pub code: u16,
+    /// Reason, possibly empty; at most 123 bytes.
+    pub reason: &'a str,
+}
+
+/// A violation of RFC 6455 by the client. Each one fails the connection (RFC 6455 §7.1.7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// RSV1-3 set with no extension negotiated (RFC 6455 §5.2). `rsv` holds RSV1..RSV3 as bits 2..0.
+    ReservedBitsSet {
+        /// The three reserved bits, RSV1 as the most significant.
+        rsv: u8,
+    },
+    /// An opcode reserved for future use, 3-7 or 11-15 (RFC 6455 §5.2).
+    ReservedOpCode {
+        /// The opcode bits.
+        opcode: u8,
+    },
+    /// A control frame with FIN clear (RFC 6455 §5.5).
+    FragmentedControlFrame {
+        /// The control opcode.
+        opcode: OpCode,
+    },
+    /// A control frame with more than 125 bytes of payload (RFC 6455 §5.5).
+    ControlFrameTooBig {
+        /// The control opcode.
+        opcode: OpCode,
+        /// The announced payload length.
+        payload_len: u64,
+    },
+    /// A 64-bit payload length with its most significant bit set (RFC 6455 §5.2).
+    PayloadLengthMsbSet {
+        /// The announced payload length.
+        payload_len: u64,
+    },
+    /// A client frame without a masking key (RFC 6455 §5.1).
+    UnmaskedFrameFromClient {
+        /// The frame's opcode.
+        opcode: OpCode,
+    },
+    /// A continuation frame with no fragmented message open (RFC 6455 §5.4).
+    UnexpectedContinuation,
+    /// A new text or binary frame while a fragmented message is still open (RFC 6455 §5.4).
+    ExpectedContinuation {
+        /// The opcode that arrived instead of a continuation.
+        opcode: OpCode,
+    },
+    /// The message (all fragments so far plus this frame) exceeds the configured limit.
+    MessageTooBig {
+        /// Bytes the message would have with this frame's payload.
+        message_bytes: u64,
+        /// The decoder's limit.
+        message_bytes_max: usize,
+    },
+    /// A text message that is not UTF-8 (RFC 6455 §5.6, §8.1).
+    InvalidUtf8 {
+        /// Bytes of the message that are valid UTF-8 before the bad (or unfinished) sequence.
+        valid_up_to: usize,
+    },
+    /// A close frame with a 1-byte payload: too short for the status code (RFC 6455 §5.5.1).
+    CloseFrameTruncatedCode,
+    /// A close frame whose status code may not be sent (RFC 6455 §7.4).
+    InvalidCloseCode {
+        /// The status code received.
+        code: u16,
+    },
+    /// A close frame whose reason is not UTF-8 (RFC 6455 §5.5.1, §8.1).
+    InvalidCloseReason {
+        /// Bytes of the reason that are valid UTF-8 before the bad sequence.
+        valid_up_to: usize,
+    },
+}
+
+impl ProtocolError {
+    /// The status code to close the connection with (RFC 6455 §7.4.1).
+    pub fn close_code(&self) -> u16 {
+        match self {
+            ProtocolError::InvalidUtf8 { .. } | ProtocolError::InvalidCloseReason { .. } => {
+                close::INVALID_PAYLOAD
+            }
+            ProtocolError::MessageTooBig { .. } => close::MESSAGE_TOO_BIG,
+            ProtocolError::ReservedBitsSet { .. }
+            | ProtocolError::ReservedOpCode { .. }
+            | ProtocolError::FragmentedControlFrame { .. }
+            | ProtocolError::ControlFrameTooBig { .. }
+            | ProtocolError::PayloadLengthMsbSet { .. }
+            | ProtocolError::UnmaskedFrameFromClient { .. }
+            | ProtocolError::UnexpectedContinuation
+            | ProtocolError::ExpectedContinuation { .. }
+            | ProtocolError::CloseFrameTruncatedCode
+            | ProtocolError::InvalidCloseCode { .. } => close::PROTOCOL_ERROR,
+        }
+    }
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ProtocolError::ReservedBitsSet { rsv } => {
+                write!(
+                    f,
+                    "reserved bits set (RSV1-3 = {rsv:03b}) with no extension"
+                )
+            }
+            ProtocolError::ReservedOpCode { opcode } => write!(f, "reserved opcode {opcode}"),
+            ProtocolError::FragmentedControlFrame { opcode } => {
+                write!(f, "fragmented control frame ({opcode:?})")
+            }
+            ProtocolError::ControlFrameTooBig {
+                opcode,
+                payload_len,
+            } => write!(
+                f,
+                "control frame ({opcode:?}) payload of {payload_len} bytes, \
+                 max {CONTROL_PAYLOAD_BYTES_MAX}"
+            ),
+            ProtocolError::PayloadLengthMsbSet { payload_len } => {
+                write!(
+                    f,
+                    "64-bit payload length {payload_len:#x} has its top bit set"
+                )
+            }
+            ProtocolError::UnmaskedFrameFromClient { opcode } => {
+                write!(f, "unmasked {opcode:?} frame from client")
+            }
+            ProtocolError::UnexpectedContinuation => {
+                write!(f, "continuation frame with no fragmented message open")
+            }
+            ProtocolError::ExpectedContinuation { opcode } => write!(
+                f,
+                "{opcode:?} frame while a fragmented message is open (expected continuation)"
+            ),
+            ProtocolError::MessageTooBig {
+                message_bytes,
+                message_bytes_max,
+            } => write!(
+                f,
+                "message of {message_bytes} bytes, max {message_bytes_max}"
+            ),
+            ProtocolError::InvalidUtf8 { valid_up_to } => {
+                write!(f, "text message is not UTF-8 after byte {valid_up_to}")
+            }
+            ProtocolError::CloseFrameTruncatedCode => {
+                write!(f, "close frame payload of 1 byte (status code needs 2)")
+            }
+            ProtocolError::InvalidCloseCode { code } => write!(f, "invalid close code {code}"),
+            ProtocolError::InvalidCloseReason { valid_up_to } => {
+                write!(f, "close reason is not UTF-8 after byte {valid_up_to}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// Decodes one client's frames into messages; one per connection. See the module docs.
+#[derive(Clone, Debug)]
+pub struct Decoder {
+    /// Largest message accepted, counting all fragments.
+    message_bytes_max: usize,
+    /// The fragmented message being assembled, or just delivered. Boxed so an idle decoder is two
+    /// words; `None` whenever no fragmented message is open, except between delivering one and the
+    /// next call to [`Decoder::decode`], which frees it (the delivered message borrows it until then).
+    fragments: Option<Box<Fragments>>,
+}
+
+#[derive(Clone, Debug)]
+struct Fragments {
+    assembly: Assembly,
+    /// The final fragment has arrived and the message was returned; free on the next decode.
+    delivered: bool,
+}
+
+#[derive(Clone, Debug)]
+enum Assembly {
+    Text {
+        /// The complete UTF-8 characters received so far.
+        text: String,
+        /// The unfinished character at the end of the fragments so far.
+        tail: Utf8Tail,
+    },
+    Binary {
+        bytes: Vec<u8>,
+    },
+}
+
+/// The 0-3 bytes of a UTF-8 sequence cut by a fragment boundary (RFC 3629 §3: sequences are at most
+/// 4 bytes). INVARIANT: `bytes[..len]` is a proper prefix of a valid sequence.
+#[derive(Clone, Copy, Debug, Default)]
+struct Utf8Tail {
+    bytes: [u8; 4],
+    len: usize,
+}
+
+impl Decoder {
+    /// A decoder that accepts messages of up to `message_bytes_max` bytes (all fragments together).
+    pub fn new(message_bytes_max: usize) -> Self {
+        Decoder {
+            message_bytes_max,
+            fragments: None,
+        }
+    }
+
+    /// The message size limit this decoder was built with.
+    pub fn message_bytes_max(&self) -> usize {
+        self.message_bytes_max
+    }
+
+    /// Largest frame (header and payload) the decoder can ask the caller to buffer before it can be
+    /// decoded; any larger frame is refused from its header.
+    pub fn frame_bytes_max(&self) -> usize {
+        CLIENT_HEADER_BYTES_MAX
+            .saturating_add(self.message_bytes_max.max(CONTROL_PAYLOAD_BYTES_MAX))
+    }
+
+    /// Whether a fragmented message has started and not yet ended.
+    pub fn in_fragmented_message(&self) -> bool {
+        self.fragments.as_ref().is_some_and(|f| !f.delivered)
+    }
+
+    /// Bytes held for a fragmented message (0 when none is open); for memory accounting.
+    pub fn buffered_bytes(&self) -> usize {
+        self.fragments.as_ref().map_or(0, |f| f.assembly.len())
+    }
+
+    /// Decodes the first frame at the start of `buf`.
+    ///
+    /// The payload is unmasked in place. Returns:
+    /// - `Ok(None)`: the frame is incomplete; nothing was consumed and `buf` is unchanged.
+    /// - `Ok(Some((consumed, Some(message))))`: a whole message or control frame.
+    /// - `Ok(Some((consumed, None)))`: a non-final fragment was consumed; the message is not complete.
+    ///
+    /// `consumed` is always at least 2 and at most `buf.len()`. Errors are reported as soon as the
+    /// header shows them (protocol state, size limit), or once the payload has arrived (UTF-8, close
+    /// frame contents).
+    pub fn decode<'a>(
+        &'a mut self,
+        buf: &'a mut [u8],
+    ) -> Result<Option<(usize, Option<Message<'a>>)>, ProtocolError> {
+        if self.fragments.as_ref().is_some_and(|f| f.delivered) {
+            // The caller is done with the message we lent out: free it rather than keep the capacity.
+            self.fragments = None;
+        }
+        let Some((header, header_bytes)) = FrameHeader::parse(buf)? else {
+            return Ok(None);
+        };
+        // RFC 6455 §5.1: "a client MUST mask all frames that it sends to the server".
+        let Some(key) = header.mask else {
+            return Err(ProtocolError::UnmaskedFrameFromClient {
+                opcode: header.opcode,
+            });
+        };
+        let payload_len = self.admit(&header)?;
+        // Cannot overflow: `admit` bounded payload_len by message_bytes_max or 125, and a buffer
+        // that large plus a 14-byte header would not fit in memory anyway; saturate to stay safe.
+        let frame_bytes = header_bytes.saturating_add(payload_len);
+        if buf.len() < frame_bytes {
+            return Ok(None);
+        }
+        let payload = &mut buf[header_bytes..frame_bytes];
+        apply_mask(payload, key);
+        let payload: &'a [u8] = payload;
+
+        let message = match header.opcode {
+            OpCode::Ping => Message::Ping(payload),
+            OpCode::Pong => Message::Pong(payload),
+            OpCode::Close => Message::Close(parse_close(payload)?),
+            // `admit` ensured no fragmented message is open.
+            OpCode::Text if header.fin => match std::str::from_utf8(payload) {
+                Ok(text) => Message::Text(text),
+                Err(error) => {
+                    return Err(ProtocolError::InvalidUtf8 {
+                        valid_up_to: error.valid_up_to(),
+                    })
+                }
+            },
+            OpCode::Binary if header.fin => Message::Binary(payload),
+            OpCode::Text | OpCode::Binary => {
+                let assembly = if header.opcode == OpCode::Text {
+                    Assembly::Text {
+                        text: String::new(),
+                        tail: Utf8Tail::default(),
+                    }
+                } else {
+                    Assembly::Binary { bytes: Vec::new() }
+                };
+                let fragments = self.fragments.insert(Box::new(Fragments {
+                    assembly,
+                    delivered: false,
+                }));
+                fragments.assembly.push(payload, self.message_bytes_max)?;
+                return Ok(Some((frame_bytes, None)));
+            }
+            OpCode::Continuation => {
+                let message_bytes_max = self.message_bytes_max;
+                let Some(fragments) = self.fragments.as_deref_mut() else {
+                    // `admit` already checked this; kept so the borrow needs no unwrap.
+                    return Err(ProtocolError::UnexpectedContinuation);
+                };
+                fragments.assembly.push(payload, message_bytes_max)?;
+                if !header.fin {
+                    return Ok(Some((frame_bytes, None)));
+                }
+                fragments.delivered = true;
+                fragments.assembly.message()?
+            }
+        };
+        Ok(Some((frame_bytes, Some(message))))
+    }
+
+    /// Checks what the header alone can tell against the decoder's state, and returns the payload
+    /// length as a `usize`. Runs before the payload is buffered.
+    fn admit(&self, header: &FrameHeader) -> Result<usize, ProtocolError> {
+        let open = self.fragments.as_deref().filter(|f| !f.delivered);
+        let buffered_bytes = match header.opcode {
+            // RFC 6455 §5.4: control frames MAY be injected in the middle of a fragmented message,
+            // and do not count towards its size. `FrameHeader::parse` bounded them to 125 bytes.
+            OpCode::Ping | OpCode::Pong | OpCode::Close => 0,
+            OpCode::Continuation => match open {
+                Some(fragments) => fragments.assembly.len(),
+                None => return Err(ProtocolError::UnexpectedContinuation),
+            },
+            OpCode::Text | OpCode::Binary => match open {
+                Some(_) => {
+                    return Err(ProtocolError::ExpectedContinuation {
+                        opcode: header.opcode,
+                    })
+                }
+                None => 0,
+            },
+        };
+        // RFC 6455 §10.4: limit what a peer can make us buffer. Checked here, from the length field,
+        // so an oversized frame is refused before its payload is read.
+        let message_bytes = (buffered_bytes as u64).saturating_add(header.payload_len);
+        let too_big = ProtocolError::MessageTooBig {
+            message_bytes,
+            message_bytes_max: self.message_bytes_max,
+        };
+        let payload_len = usize::try_from(header.payload_len).map_err(|_| too_big)?;
+        if !header.opcode.is_control() && message_bytes > self.message_bytes_max as u64 {
+            return Err(too_big);
+        }
+        Ok(payload_len)
+    }
+}
+
+/// RFC 6455 §5.5.1: an empty body, or a 2-byte code followed by a UTF-8 reason.
+fn parse_close(payload: &[u8]) -> Result<Option<CloseFrame<'_>>, ProtocolError> {
+    let Some((code, reason)) = payload.split_first_chunk::<{ close::CODE_BYTES }>() else {
+        return if payload.is_empty() {
+            Ok(None)
+        } else {
+            Err(ProtocolError::CloseFrameTruncatedCode)
+        };
+    };
+    let code = u16::from_be_bytes(*code);
+    if !close::is_valid_received(code) {
+        return Err(ProtocolError::InvalidCloseCode { code });
+    }
+    match std::str::from_utf8(reason) {
+        Ok(reason) => Ok(Some(CloseFrame { code, reason })),
+        Err(error) => Err(ProtocolError::InvalidCloseReason {
+            valid_up_to: error.valid_up_to(),
+        }),
+    }
+}
+
+impl Assembly {
+    /// Bytes of the message received so far.
+    fn len(&self) -> usize {
+        match self {
+            Assembly::Text { text, tail } => text.len() + tail.len,
+            Assembly::Binary { bytes } => bytes.len(),
+        }
+    }
+
+    /// Appends a fragment's payload; `admit` has checked it fits in `message_bytes_max`.
+    fn push(&mut self, data: &[u8], message_bytes_max: usize) -> Result<(), ProtocolError> {
+        debug_assert!(self.len() + data.len() <= message_bytes_max);
+        match self {
+            Assembly::Text { text, tail } => {
+                // The unfinished character in `tail` joins `text` along with `data`.
+                let incoming = tail.len + data.len();
+                if let Some(additional) =
+                    growth(text.len(), text.capacity(), incoming, message_bytes_max)
+                {
+                    text.reserve_exact(additional);
+                }
+                push_text(text, tail, data)
+            }
+            Assembly::Binary { bytes } => {
+                if let Some(additional) =
+                    growth(bytes.len(), bytes.capacity(), data.len(), message_bytes_max)
+                {
+                    bytes.reserve_exact(additional);
+                }
+                bytes.extend_from_slice(data);
+                Ok(())
+            }
+        }
+    }
+
+    /// The complete message, after its final fragment was pushed.
+    fn message(&self) -> Result<Message<'_>, ProtocolError> {
+        match self {
+            // RFC 6455 §8.1: the whole message must be UTF-8, so a character cut off by the end of
+            // the message is invalid.
+            Assembly::Text { text, tail } if tail.len > 0 => Err(ProtocolError::InvalidUtf8 {
+                valid_up_to: text.len(),
+            }),
+            Assembly::Text { text, .. } => Ok(Message::Text(text)),
+            Assembly::Binary { bytes } => Ok(Message::Binary(bytes)),
+        }
+    }
+}
+
+/// How much to reserve before appending `additional` bytes to a buffer of `len` of `capacity`:
+/// `None` if it fits; otherwise double, as `Vec` would (so many small fragments cost amortised O(1)
+/// per byte), but never past `bytes_max`, so the assembly never holds more than the limit.
+fn growth(len: usize, capacity: usize, additional: usize, bytes_max: usize) -> Option<usize> {
+    let needed = len.saturating_add(additional);
+    if needed <= capacity {
+        return None;
+    }
+    let target = needed.max(capacity.saturating_mul(2).min(bytes_max));
+    Some(target - len)
+}
+
+/// Appends a fragment of a text message, validating UTF-8 as it arrives so invalid text fails at the
+/// first fragment that shows it (RFC 6455 §8.1: "as soon as" the endpoint finds invalid data).
+///
+/// Only complete characters go into `text`, each validated once with `str::from_utf8`; a character
+/// split across fragments waits in `tail`. `Utf8Error::error_len() == None` is how `from_utf8` says
+/// "incomplete, could still become valid" as opposed to "invalid".
+fn push_text(text: &mut String, tail: &mut Utf8Tail, mut data: &[u8]) -> Result<(), ProtocolError> {
+    if tail.len > 0 {
+        // Finish the character left over from the previous fragment.
+        let width = utf8_sequence_len(tail.bytes[0]);
+        let taken = width.saturating_sub(tail.len).min(data.len());
+        let (head, rest) = data.split_at(taken);
+        tail.bytes[tail.len..tail.len + taken].copy_from_slice(head);
+        tail.len += taken;
+        data = rest;
+        match std::str::from_utf8(&tail.bytes[..tail.len]) {
+            Ok(character) => {
+                text.push_str(character);
+                tail.len = 0;
+            }
+            // Still unfinished, and `data` is used up: wait for the next fragment.
+            Err(error) if error.error_len().is_none() => return Ok(()),
+            Err(_) => {
+                return Err(ProtocolError::InvalidUtf8 {
+                    valid_up_to: text.len(),
+                })
+            }
+        }
+    }
+    let (complete, unfinished) = data.split_at(incomplete_tail_start(data));
+    match std::str::from_utf8(complete) {
+        Ok(complete) => text.push_str(complete),
+        Err(error) => {
+            return Err(ProtocolError::InvalidUtf8 {
+                valid_up_to: text.len() + error.valid_up_to(),
+            })
+        }
+    }
+    if !unfinished.is_empty() {
+        match std::str::from_utf8(unfinished) {
+            Err(error) if error.valid_up_to() == 0 && error.error_len().is_none() => {
+                tail.bytes[..unfinished.len()].copy_from_slice(unfinished);
+                tail.len = unfinished.len();
+            }
+            _ => {
+                return Err(ProtocolError::InvalidUtf8 {
+                    valid_up_to: text.len(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Where the character cut off by the end of `data` starts, or `data.len()` if none is.
+///
+/// Only the last 3 bytes can hold an unfinished character (RFC 3629 §3: at most 4 bytes). Invalid
+/// bytes are left in the complete part, where `from_utf8` reports them.
+fn incomplete_tail_start(data: &[u8]) -> usize {
+    let search_from = data.len().saturating_sub(3);
+    for (start, &byte) in data.iter().enumerate().skip(search_from).rev() {
+        if !is_utf8_continuation(byte) {
+            return if utf8_sequence_len(byte) > data.len() - start {
+                start
+            } else {
+                data.len()
+            };
+        }
+    }
+    data.len()
+}
+
+fn is_utf8_continuation(byte: u8) -> bool {
+    byte & 0xc0 == 0x80
+}
+
+/// Length of the UTF-8 sequence a lead byte starts (RFC 3629 §4), or 0 for a byte that cannot lead.
+fn utf8_sequence_len(lead: u8) -> usize {
+    match lead {
+        0x00..=0x7f => 1,
+        0xc2..=0xdf => 2,
+        0xe0..=0xef => 3,
+        0xf0..=0xf4 => 4,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::super::frame::CONTROL_PAYLOAD_BYTES_MAX;
+    use super::super::test_client::{self, frame, Length, KEY};
+    use super::*;
+
+    /// Limit for the tables: big enough for every size they use.
+    const TABLE_MESSAGE_BYTES_MAX: usize = 70_000;
+
+    /// An owned copy of a [`Message`], so results can be kept past the next decode.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum Owned {
+        Text(String),
+        Binary(Vec<u8>),
+        Ping(Vec<u8>),
+        Pong(Vec<u8>),
+        Close(Option<(u16, String)>),
+    }
+
+    impl Owned {
+        fn of(message: &Message<'_>) -> Owned {
+            match *message {
+                Message::Text(text) => Owned::Text(text.to_owned()),
+                Message::Binary(bytes) => Owned::Binary(bytes.to_vec()),
+                Message::Ping(bytes) => Owned::Ping(bytes.to_vec()),
+                Message::Pong(bytes) => Owned::Pong(bytes.to_vec()),
+                Message::Close(close) => {
+                    Owned::Close(close.map(|close| (close.code, close.reason.to_owned())))
+                }
+            }
+        }
+
+        fn text(text: &str) -> Owned {
+            Owned::Text(text.to_owned())
+        }
+    }
+
+    type Outcome = Result<Option<(usize, Option<Owned>)>, ProtocolError>;
+
+    fn decode_owned(decoder: &mut Decoder, buf: &mut [u8]) -> Outcome {
+        let len = buf.len();
+        let outcome = decoder
+            .decode(buf)
+            .map(|decoded| decoded.map(|(used, message)| (used, message.as_ref().map(Owned::of))));
+        if let Ok(Some((used, _))) = outcome {
+            assert!((2..=len).contains(&used), "consumed {used} of {len}");
+        }
+        outcome
+    }
+
+    /// A decoder that has been fed `setup` frames, each decoding without error.
+    fn decoder_after(message_bytes_max: usize, setup: &[Vec<u8>]) -> Decoder {
+        let mut decoder = Decoder::new(message_bytes_max);
+        for setup_frame in setup {
+            let mut buf = setup_frame.clone();
+            let outcome = decode_owned(&mut decoder, &mut buf);
+            assert!(
+                matches!(outcome, Ok(Some((used, _))) if used == setup_frame.len()),
+                "setup frame {setup_frame:02x?} gave {outcome:?}"
+            );
+        }
+        decoder
+    }
+
+    fn assembly_capacity(decoder: &Decoder) -> usize {
+        decoder
+            .fragments
+            .as_ref()
+            .map_or(0, |fragments| match &fragments.assembly {
+                Assembly::Text { text, .. } => text.capacity(),
+                Assembly::Binary { bytes } => bytes.capacity(),
+            })
+    }
+
+    /// Decodes `frame_bytes` after `setup`, whole and split at `splits`: every strict prefix must be
+    /// `Ok(None)` and leave the buffer untouched, and the whole frame (alone or followed by the next
+    /// frame's first bytes) must then decode to `expected`.
+    fn check_valid(
+        name: &str,
+        setup: &[Vec<u8>],
+        frame_bytes: &[u8],
+        splits: impl Iterator<Item = usize>,
+        expected: &Option<Owned>,
+    ) {
+        let base = decoder_after(TABLE_MESSAGE_BYTES_MAX, setup);
+        let expected: Outcome = Ok(Some((frame_bytes.len(), expected.clone())));
+        for split in splits {
+            let mut decoder = base.clone();
+            let mut prefix = frame_bytes[..split].to_vec();
+            assert_eq!(
+                decode_owned(&mut decoder, &mut prefix),
+                Ok(None),
+                "{name}: split at {split}"
+            );
+            assert_eq!(
+                prefix,
+                frame_bytes[..split],
+                "{name}: Ok(None) changed the buffer"
+            );
+            assert_eq!(
+                decoder.in_fragmented_message(),
+                base.in_fragmented_message(),
+                "{name}: Ok(None) changed the state"
+            );
+            let mut whole = frame_bytes.to_vec();
+            assert_eq!(
+                decode_owned(&mut decoder, &mut whole),
+                expected,
+                "{name}: whole after split at {split}"
+            );
+        }
+        let mut followed = frame_bytes.to_vec();
+        followed.extend_from_slice(&[0x81, 0x80]);
+        assert_eq!(
+            decode_owned(&mut base.clone(), &mut followed),
+            expected,
+            "{name}: followed by another frame"
+        );
+    }
+
+    #[test]
+    fn idle_decoder_is_small() {
+        assert!(std::mem::size_of::<Decoder>() <= DECODER_BYTES_MAX);
+        assert_eq!(
+            std::mem::size_of::<Decoder>(),
+            2 * std::mem::size_of::<usize>()
+        );
+    }
+
+    #[test]
+    fn frame_bytes_max_covers_header_and_largest_payload() {
+        assert_eq!(Decoder::new(1000).frame_bytes_max(), 14 + 1000);
+        assert_eq!(Decoder::new(10).frame_bytes_max(), 14 + 125);
+        assert_eq!(Decoder::new(usize::MAX).frame_bytes_max(), usize::MAX);
+        assert_eq!(Decoder::new(1000).message_bytes_max(), 1000);
+    }
+
+    #[test]
+    fn decode_valid_frames_split_at_every_byte() {
+        let hel = frame(false, OpCode::Text, b"Hel");
+        let euro_start = frame(false, OpCode::Text, &[b'a', 0xe2, 0x82]);
+        let ping_125 = vec![0x5a; CONTROL_PAYLOAD_BYTES_MAX];
+        let close = |code: u16, reason: &str| {
+            let mut payload = code.to_be_bytes().to_vec();
+            payload.extend_from_slice(reason.as_bytes());
+            frame(true, OpCode::Close, &payload)
+        };
+        /// (name, frames fed before, frame under test, expected message)
+        type Case = (&'static str, Vec<Vec<u8>>, Vec<u8>, Option<Owned>);
+        let cases: Vec<Case> = vec![
+            (
+                "RFC 6455 §5.7 masked Hello",
+                vec![],
+                vec![
+                    0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+                ],
+                Some(Owned::text("Hello")),
+            ),
+            (
+                "empty text",
+                vec![],
+                frame(true, OpCode::Text, b""),
+                Some(Owned::text("")),
+            ),
+            (
+                "multi-byte text",
+                vec![],
+                frame(true, OpCode::Text, "déjà vu €𝄞".as_bytes()),
+                Some(Owned::text("déjà vu €𝄞")),
+            ),
+            (
+                "binary",
+                vec![],
+                frame(true, OpCode::Binary, &[0, 0xff, 0x80]),
+                Some(Owned::Binary(vec![0, 0xff, 0x80])),
+            ),
+            (
+                "empty binary",
+                vec![],
+                frame(true, OpCode::Binary, b""),
+                Some(Owned::Binary(vec![])),
+            ),
+            (
+                "non-minimal 16-bit length",
+                vec![],
+                test_client::raw(0x81, Some(KEY), Length::Bits16, b"abc"),
+                Some(Owned::text("abc")),
+            ),
+            (
+                "non-minimal 64-bit length",
+                vec![],
+                test_client::raw(0x82, Some(KEY), Length::Bits64, b"abc"),
+                Some(Owned::Binary(b"abc".to_vec())),
+            ),
+            (
+                "ping",
+                vec![],
+                frame(true, OpCode::Ping, b"Hello"),
+                Some(Owned::Ping(b"Hello".to_vec())),
+            ),
+            (
+                "largest ping",
+                vec![],
+                frame(true, OpCode::Ping, &ping_125),
+                Some(Owned::Ping(ping_125.clone())),
+            ),
+            (
+                "empty pong",
+                vec![],
+                frame(true, OpCode::Pong, b""),
+                Some(Owned::Pong(vec![])),
+            ),
+            (
+                "empty close",
+                vec![],
+                frame(true, OpCode::Close, b""),
+                Some(Owned::Close(None)),
+            ),
+            (
+                "close 1000",
+                vec![],
+                close(1000, ""),
+                Some(Owned::Close(Some((1000, String::new())))),
+            ),
+            (
+                "close 1001 with reason",
+                vec![],
+                close(1001, "bye"),
+                Some(Owned::Close(Some((1001, "bye".into())))),
+            ),
+            (
+                "close 4999 with UTF-8 reason",
+                vec![],
+                close(4999, "é€"),
+                Some(Owned::Close(Some((4999, "é€".into())))),
+            ),
+            (
+                "close with longest reason",
+                vec![],
+                close(3000, &"r".repeat(123)),
+                Some(Owned::Close(Some((3000, "r".repeat(123))))),
+            ),
+            ("first fragment", vec![], hel.clone(), None),
+            (
+                "last fragment",
+                vec![hel.clone()],
+                frame(true, OpCode::Continuation, b"lo"),
+                Some(Owned::text("Hello")),
+            ),
+            (
+                "middle fragment",
+                vec![hel.clone()],
+                frame(false, OpCode::Continuation, b"lo"),
+                None,
+            ),
+            (
+                "empty last fragment",
+                vec![hel.clone()],
+                frame(true, OpCode::Continuation, b""),
+                Some(Owned::text("Hel")),
+            ),
+            (
+                "ping between fragments",
+                vec![hel.clone()],
+                frame(true, OpCode::Ping, b"p"),
+                Some(Owned::Ping(b"p".to_vec())),
+            ),
+            (
+                "close between fragments",
+                vec![hel.clone()],
+                close(1000, ""),
+                Some(Owned::Close(Some((1000, String::new())))),
+            ),
+            (
+                "fragmented binary",
+                vec![frame(false, OpCode::Binary, &[1, 2])],
+                frame(true, OpCode::Continuation, &[3]),
+                Some(Owned::Binary(vec![1, 2, 3])),
+            ),
+            (
+                "character split across fragments",
+                vec![euro_start.clone()],
+                frame(true, OpCode::Continuation, &[0xac]),
+                Some(Owned::text("a€")),
+            ),
+            (
+                "character split across three fragments",
+                vec![
+                    frame(false, OpCode::Text, &[0xf0]),
+                    frame(false, OpCode::Continuation, &[0x9d, 0x84]),
+                ],
+                frame(true, OpCode::Continuation, &[0x9e, b'!']),
+                Some(Owned::text("𝄞!")),
+            ),
+            (
+                "text after a completed fragmented message",
+                vec![hel.clone(), frame(true, OpCode::Continuation, b"lo")],
+                frame(true, OpCode::Text, b"next"),
+                Some(Owned::text("next")),
+            ),
+        ];
+        for (name, setup, frame_bytes, expected) in &cases {
+            check_valid(name, setup, frame_bytes, 0..frame_bytes.len(), expected);
+        }
+    }
+
+    #[test]
+    fn sizes_round_trip() {
+        for size in [0, 125, 126, 65535, 65536] {
+            let binary: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let text: String = (0..size)
+                .map(|i| char::from(b'a' + (i % 26) as u8))
+                .collect();
+            let cases = [
+                (
+                    frame(true, OpCode::Binary, &binary),
+                    Owned::Binary(binary.clone()),
+                ),
+                (
+                    frame(true, OpCode::Text, text.as_bytes()),
+                    Owned::Text(text.clone()),
+                ),
+            ];
+            for (frame_bytes, expected) in cases {
+                // Every split inside the header, and a few inside the payload: splitting a 64 KiB
+                // frame at every byte would copy gigabytes for no extra coverage.
+                let header_bytes = frame_bytes.len() - size;
+                let splits = (0..=header_bytes)
+                    .chain([header_bytes + size / 2, frame_bytes.len() - 1])
+                    .filter(|&split| split < frame_bytes.len());
+                check_valid(
+                    &format!("size {size}"),
+                    &[],
+                    &frame_bytes,
+                    splits,
+                    &Some(expected),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn single_frame_messages_borrow_the_callers_buffer() {
+        let mut decoder = Decoder::new(100);
+        for opcode in [OpCode::Text, OpCode::Binary, OpCode::Ping, OpCode::Pong] {
+            let mut buf = frame(true, opcode, b"zero copy");
+            let range = buf.as_ptr_range();
+            let (_, message) = decoder.decode(&mut buf).unwrap().unwrap();
+            let payload = match message.unwrap() {
+                Message::Text(text) => text.as_bytes(),
+                Message::Binary(bytes) | Message::Ping(bytes) | Message::Pong(bytes) => bytes,
+                Message::Close(_) => unreachable!(),
+            };
+            assert!(range.contains(&payload.as_ptr()), "{opcode:?} was copied");
+        }
+    }
+
+    #[test]
+    fn fragmented_message_with_interleaved_control_frames() {
+        let frames = [
+            frame(false, OpCode::Text, b"Hel"),
+            frame(true, OpCode::Ping, b"1"),
+            frame(false, OpCode::Continuation, "lo, wörld".as_bytes()),
+            frame(true, OpCode::Pong, b""),
+            frame(false, OpCode::Continuation, b""),
+            frame(true, OpCode::Ping, b"2"),
+            frame(true, OpCode::Continuation, b"!"),
+            frame(true, OpCode::Binary, &[7]),
+            frame(false, OpCode::Binary, &[1]),
+            frame(true, OpCode::Continuation, &[2]),
+        ];
+        let expected = [
+            None,
+            Some(Owned::Ping(b"1".to_vec())),
+            None,
+            Some(Owned::Pong(vec![])),
+            None,
+            Some(Owned::Ping(b"2".to_vec())),
+            Some(Owned::text("Hello, wörld!")),
+            Some(Owned::Binary(vec![7])),
+            None,
+            Some(Owned::Binary(vec![1, 2])),
+        ];
+        let open_after = [
+            true, true, true, true, true, true, false, false, true, false,
+        ];
+        let mut stream: Vec<u8> = frames.concat();
+        let mut decoder = Decoder::new(100);
+        let mut at = 0;
+        for (index, frame_bytes) in frames.iter().enumerate() {
+            let outcome = decode_owned(&mut decoder, &mut stream[at..]);
+            assert_eq!(
+                outcome,
+                Ok(Some((frame_bytes.len(), expected[index].clone()))),
+                "frame {index}"
+            );
+            assert_eq!(
+                decoder.in_fragmented_message(),
+                open_after[index],
+                "frame {index}"
+            );
+            at += frame_bytes.len();
+        }
+        assert_eq!(decode_owned(&mut decoder, &mut stream[at..]), Ok(None));
+        assert!(decoder.fragments.is_none(), "assembly freed after delivery");
+    }
+
+    #[test]
+    fn fragment_buffer_is_freed_on_the_next_call_after_delivery() {
+        let mut decoder = Decoder::new(1000);
+        let mut first = frame(false, OpCode::Binary, &[1; 300]);
+        let mut last = frame(true, OpCode::Continuation, &[2; 300]);
+        assert_eq!(
+            decode_owned(&mut decoder, &mut first),
+            Ok(Some((first.len(), None)))
+        );
+        assert!(decoder.in_fragmented_message());
+        assert_eq!(decoder.buffered_bytes(), 300);
+        let (_, message) = decoder.decode(&mut last).unwrap().unwrap();
+        assert_eq!(
+            message.map(|m| Owned::of(&m)).unwrap(),
+            Owned::Binary([[1; 300], [2; 300]].concat())
+        );
+        assert!(!decoder.in_fragmented_message());
+        // Still held: the message above borrowed it until this point.
+        assert_eq!(decoder.buffered_bytes(), 600);
+        assert_eq!(decode_owned(&mut decoder, &mut []), Ok(None));
+        assert!(decoder.fragments.is_none());
+        assert_eq!(decoder.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn message_at_the_limit_is_accepted_and_capacity_never_exceeds_it() {
+        let limit = 100;
+        let mut decoder = Decoder::new(limit);
+        let mut single = frame(true, OpCode::Binary, &[0; 100]);
+        assert!(matches!(
+            decode_owned(&mut decoder, &mut single),
+            Ok(Some((_, Some(_))))
+        ));
+        // Fragments of 1 byte each, to exercise growth, ending exactly at the limit.
+        let mut stream = frame(false, OpCode::Text, b"x");
+        for _ in 0..98 {
+            stream.extend(frame(false, OpCode::Continuation, b"x"));
+        }
+        stream.extend(frame(true, OpCode::Continuation, b"x"));
+        let mut at = 0;
+        loop {
+            match decode_owned(&mut decoder, &mut stream[at..]) {
+                Ok(Some((used, message))) => {
+                    at += used;
+                    assert!(assembly_capacity(&decoder) <= limit);
+                    if let Some(message) = message {
+                        assert_eq!(message, Owned::Text("x".repeat(limit)));
+                        break;
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(at, stream.len());
+    }
+
+    #[test]
+    fn text_capacity_counts_the_unfinished_character_carried_between_fragments() {
+        // Regression: growth once ignored the bytes waiting in the UTF-8 tail, so completing a
+        // character let `String` grow by itself, past the limit (to its 8-byte minimum here).
+        let limit = 4;
+        let mut decoder = Decoder::new(limit);
+        let mut first = frame(false, OpCode::Text, &[0xf0, 0x9f]);
+        let mut last = frame(true, OpCode::Continuation, &[0x98, 0x80]);
+        assert_eq!(
+            decode_owned(&mut decoder, &mut first),
+            Ok(Some((first.len(), None)))
+        );
+        assert!(assembly_capacity(&decoder) <= limit);
+        assert_eq!(
+            decode_owned(&mut decoder, &mut last),
+            Ok(Some((last.len(), Some(Owned::text("😀")))))
+        );
+        assert!(assembly_capacity(&decoder) <= limit);
+    }
+
+    #[test]
+    fn decode_errors_table() {
+        use ProtocolError::*;
+        let text_open = || vec![frame(false, OpCode::Text, b"ok")];
+        let close = |code: u16, reason: &[u8]| {
+            let mut payload = code.to_be_bytes().to_vec();
+            payload.extend_from_slice(reason);
+            frame(true, OpCode::Close, &payload)
+        };
+        struct Case {
+            name: &'static str,
+            message_bytes_max: usize,
+            setup: Vec<Vec<u8>>,
+            frame: Vec<u8>,
+            expected: ProtocolError,
+            /// The header alone (no payload) is enough to report it.
+            from_header: bool,
+        }
+        let case = |name, setup, frame, expected, from_header| Case {
+            name,
+            message_bytes_max: 100,
+            setup,
+            frame,
+            expected,
+            from_header,
+        };
+        let cases = vec![
+            case(
+                "RSV1",
+                vec![],
+                test_client::raw(0xc1, Some(KEY), Length::Minimal, b"x"),
+                ReservedBitsSet { rsv: 0b100 },
+                true,
+            ),
+            case(
+                "RSV3 on a continuation",
+                text_open(),
+                test_client::raw(0x90, Some(KEY), Length::Minimal, b"x"),
+                ReservedBitsSet { rsv: 0b001 },
+                true,
+            ),
+            case(
+                "opcode 3",
+                vec![],
+                test_client::raw(0x83, Some(KEY), Length::Minimal, b""),
+                ReservedOpCode { opcode: 3 },
+                true,
+            ),
+            case(
+                "opcode 11",
+                vec![],
+                test_client::raw(0x8b, Some(KEY), Length::Minimal, b""),
+                ReservedOpCode { opcode: 11 },
+                true,
+            ),
+            case(
+                "fragmented ping",
+                vec![],
+                frame(false, OpCode::Ping, b""),
+                FragmentedControlFrame {
+                    opcode: OpCode::Ping,
+                },
+                true,
+            ),
+            case(
+                "126-byte pong",
+                vec![],
+                frame(true, OpCode::Pong, &[0; 126]),
+                ControlFrameTooBig {
+                    opcode: OpCode::Pong,
+                    payload_len: 126,
+                },
+                true,
+            ),
+            case(
+                "64-bit length with MSB set",
+                vec![],
+                vec![0x82, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 1],
+                PayloadLengthMsbSet {
+                    payload_len: (1 << 63) + 1,
+                },
+                true,
+            ),
+            case(
+                "unmasked text",
+                vec![],
+                test_client::raw(0x81, None, Length::Minimal, b"Hello"),
+                UnmaskedFrameFromClient {
+                    opcode: OpCode::Text,
+                },
+                true,
+            ),
+            case(
+                "unmasked close",
+                vec![],
+                test_client::raw(0x88, None, Length::Minimal, b""),
+                UnmaskedFrameFromClient {
+                    opcode: OpCode::Close,
+                },
+                true,
+            ),
+            case(
+                "continuation with nothing open",
+                vec![],
+                frame(true, OpCode::Continuation, b"x"),
+                UnexpectedContinuation,
+                true,
+            ),
+            case(
+                "continuation after the message ended",
+                vec![
+                    frame(false, OpCode::Binary, b"a"),
+                    frame(true, OpCode::Continuation, b"b"),
+                ],
+                frame(false, OpCode::Continuation, b"c"),
+                UnexpectedContinuation,
+                true,
+            ),
+            case(
+                "text while text is open",
+                text_open(),
+                frame(true, OpCode::Text, b"x"),
+                ExpectedContinuation {
+                    opcode: OpCode::Text,
+                },
+                true,
+            ),
+            case(
+                "binary while text is open",
+                text_open(),
+                frame(false, OpCode::Binary, b"x"),
+                ExpectedContinuation {
+                    opcode: OpCode::Binary,
+                },
+                true,
+            ),
+            case(
+                "single frame over the limit",
+                vec![],
+                frame(true, OpCode::Binary, &[0; 101]),
+                MessageTooBig {
+                    message_bytes: 101,
+                    message_bytes_max: 100,
+                },
+                true,
+            ),
+            case(
+                "fragments over the limit",
+                vec![
+                    frame(false, OpCode::Binary, &[0; 60]),
+                    frame(false, OpCode::Continuation, &[0; 30]),
+                ],
+                frame(true, OpCode::Continuation, &[0; 11]),
+                MessageTooBig {
+                    message_bytes: 101,
+                    message_bytes_max: 100,
+                },
+                true,
+            ),
+            case(
+                "huge 64-bit length",
+                vec![],
+                vec![
+                    0x82, 0xff, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4,
+                ],
+                MessageTooBig {
+                    message_bytes: (1 << 63) - 1,
+                    message_bytes_max: 100,
+                },
+                true,
+            ),
+            case(
+                "invalid byte in single-frame text",
+                vec![],
+                frame(true, OpCode::Text, &[b'a', b'b', 0xff]),
+                InvalidUtf8 { valid_up_to: 2 },
+                false,
+            ),
+            case(
+                "unfinished character ends single-frame text",
+                vec![],
+                frame(true, OpCode::Text, &[b'a', 0xe2, 0x82]),
+                InvalidUtf8 { valid_up_to: 1 },
+                false,
+            ),
+            case(
+                "invalid byte in a fragment",
+                text_open(),
+                frame(false, OpCode::Continuation, &[b'x', 0xc0, 0x80]),
+                InvalidUtf8 { valid_up_to: 3 },
+                false,
+            ),
+            case(
+                "unfinished character ends a fragmented text",
+                vec![frame(false, OpCode::Text, &[b'a', 0xf0, 0x9f])],
+                frame(true, OpCode::Continuation, &[0x98]),
+                InvalidUtf8 { valid_up_to: 1 },
+                false,
+            ),
+            case(
+                "1-byte close",
+                vec![],
+                frame(true, OpCode::Close, &[0x03]),
+                CloseFrameTruncatedCode,
+                false,
+            ),
+            case(
+                "close 999",
+                vec![],
+                close(999, b""),
+                InvalidCloseCode { code: 999 },
+                false,
+            ),
+            case(
+                "close 1004",
+                vec![],
+                close(1004, b""),
+                InvalidCloseCode { code: 1004 },
+                false,
+            ),
+            case(
+                "close 1005",
+                vec![],
+                close(1005, b""),
+                InvalidCloseCode { code: 1005 },
+                false,
+            ),
+            case(
+                "close 1006",
+                vec![],
+                close(1006, b""),
+                InvalidCloseCode { code: 1006 },
+                false,
+            ),
+            case(
+                "close 1015",
+                vec![],
+                close(1015, b""),
+                InvalidCloseCode { code: 1015 },
+                false,
+            ),
+            case(
+                "close 2999",
+                vec![],
+                close(2999, b""),
+                InvalidCloseCode { code: 2999 },
+                false,
+            ),
+            case(
+                "close 5000",
+                vec![],
+                close(5000, b""),
+                InvalidCloseCode { code: 5000 },
+                false,
+            ),
+            case(
+                "close reason not UTF-8",
+                vec![],
+                close(1000, &[b'o', b'k', 0xfe]),
+                InvalidCloseReason { valid_up_to: 2 },
+                false,
+            ),
+            case(
+                "close reason with unfinished character",
+                vec![],
+                close(1000, &[0xe2, 0x82]),
+                InvalidCloseReason { valid_up_to: 0 },
+                false,
+            ),
+        ];
+        for case in cases {
+            let name = case.name;
+            let base = decoder_after(case.message_bytes_max, &case.setup);
+            let mut buf = case.frame.clone();
+            assert_eq!(
+                decode_owned(&mut base.clone(), &mut buf),
+                Err(case.expected),
+                "{name}"
+            );
+            let header_bytes = match FrameHeader::parse(&case.frame) {
+                Ok(Some((_, used))) => used,
+                _ => case.frame.len().min(CLIENT_HEADER_BYTES_MAX),
+            };
+            let mut header_only = case.frame[..header_bytes].to_vec();
+            let outcome = decode_owned(&mut base.clone(), &mut header_only);
+            if case.from_header {
+                assert_eq!(outcome, Err(case.expected), "{name}: from the header alone");
+            } else {
+                assert_eq!(outcome, Ok(None), "{name}: needs the payload");
+            }
+            let code = match case.expected {
+                InvalidUtf8 { .. } | InvalidCloseReason { .. } => close::INVALID_PAYLOAD,
+                MessageTooBig { .. } => close::MESSAGE_TOO_BIG,
+                _ => close::PROTOCOL_ERROR,
+            };
+            assert_eq!(case.expected.close_code(), code, "{name}");
+            assert!(!case.expected.to_string().is_empty());
+        }
+    }
+
+    #[test]
+    fn utf8_split_across_fragments_table() {
+        // (fragments of one text message, Ok(text) or Err((index of the failing fragment, valid_up_to)))
+        type Expected = Result<&'static str, (usize, usize)>;
+        let cases: &[(&[&[u8]], Expected)] = &[
+            (&[b"ab", b"cd"], Ok("abcd")),
+            (&[&[0xe2], &[0x82], &[0xac]], Ok("€")),
+            (&[&[0xe2, 0x82], &[0xac, b'x']], Ok("€x")),
+            (&[&[0xf0], &[0x9d, 0x84, 0x9e]], Ok("𝄞")),
+            (&[&[0xf0, 0x9d], &[], &[0x84], &[0x9e]], Ok("𝄞")),
+            (&[&[b'a', 0xc3], &[0xa9, 0xc3], &[0xa9]], Ok("aéé")),
+            // Never valid as a first byte: fails at the first fragment.
+            (&[&[0xff], b"a"], Err((0, 0))),
+            (&[&[b'a', 0xf5], &[0x80, 0x80, 0x80]], Err((0, 1))),
+            // Overlong (E0 80) and surrogate (ED A0) prefixes are invalid before they are complete.
+            (&[&[0xe0, 0x80], &[0x80]], Err((0, 0))),
+            (&[&[0xed, 0xa0], &[0x80]], Err((0, 0))),
+            (&[&[b'a', 0xf4, 0x90], &[0x80, 0x80]], Err((0, 1))),
+            // A valid prefix broken by the next fragment.
+            (&[&[0xe2, 0x82], b"A"], Err((1, 0))),
+            (&[&[b'a', 0xf0], &[0x9d], &[0x41]], Err((2, 1))),
+            (&[&[0xc3], &[0xa9, 0xff]], Err((1, 2))),
+            (&[b"ok", &[0x80]], Err((1, 2))),
+            // Unfinished at the end: only the final fragment can tell.
+            (&[&[b'a', 0xe2], &[0x82]], Err((1, 1))),
+            (&[&[b'a', 0xe2], &[0x82], &[]], Err((2, 1))),
+        ];
+        for (fragments, expected) in cases {
+            let mut decoder = Decoder::new(100);
+            let last = fragments.len() - 1;
+            let mut outcome = None;
+            for (index, fragment) in fragments.iter().enumerate() {
+                let opcode = if index == 0 {
+                    OpCode::Text
+                } else {
+                    OpCode::Continuation
+                };
+                let mut buf = frame(index == last, opcode, fragment);
+                match decode_owned(&mut decoder, &mut buf) {
+                    Ok(Some((_, None))) => assert!(index < last),
+                    Ok(Some((_, Some(Owned::Text(text))))) => {
+                        outcome = Some(Ok(text));
+                        assert_eq!(index, last);
+                    }
+                    Err(ProtocolError::InvalidUtf8 { valid_up_to }) => {
+                        outcome = Some(Err((index, valid_up_to)));
+                        break;
+                    }
+                    other => panic!("{fragments:02x?}: fragment {index} gave {other:?}"),
+                }
+            }
+            let expected = expected.map(str::to_owned);
+            assert_eq!(outcome, Some(expected), "{fragments:02x?}");
+        }
+    }
+
+    /// Feeds `stream` to `decoder` in chunks of the given sizes (cycled), as reads from a socket
+    /// would arrive, checking the decoder's invariants after every call. Stops at the first error,
+    /// or with `skip_errors` drops one byte and goes on (to stress the decoder after an error).
+    fn drive(
+        decoder: &mut Decoder,
+        stream: &[u8],
+        chunks: &[usize],
+        skip_errors: bool,
+    ) -> (Vec<Owned>, Option<ProtocolError>) {
+        let max = decoder.message_bytes_max();
+        let mut messages = Vec::new();
+        let mut buf = Vec::new();
+        let mut fed = 0;
+        let mut chunk_sizes = chunks.iter().cycle();
+        loop {
+            let chunk = chunk_sizes.next().copied().unwrap_or(usize::MAX).max(1);
+            let end = fed + chunk.min(stream.len() - fed);
+            buf.extend_from_slice(&stream[fed..end]);
+            fed = end;
+            loop {
+                let outcome = decode_owned(decoder, &mut buf);
+                assert!(decoder.buffered_bytes() <= max, "buffered past the limit");
+                assert!(assembly_capacity(decoder) <= max, "capacity past the limit");
+                match outcome {
+                    Ok(None) => break,
+                    Ok(Some((used, message))) => {
+                        buf.drain(..used);
+                        messages.extend(message);
+                    }
+                    Err(error) if skip_errors && !buf.is_empty() => {
+                        let _ = error.close_code();
+                        buf.drain(..1);
+                    }
+                    Err(error) => return (messages, Some(error)),
+                }
+            }
+            if fed == stream.len() {
+                return (messages, None);
+            }
+        }
+    }
+
+    /// One data message as a client might send it: fragmented at `cuts`, with a ping after every
+    /// non-final fragment when `pings` is set.
+    #[derive(Clone, Debug)]
+    struct Planned {
+        text: bool,
+        payload: Vec<u8>,
+        cuts: Vec<usize>,
+        pings: bool,
+    }
+
+    fn planned() -> impl Strategy<Value = Planned> {
+        let payload = prop_oneof![
+            ".{0,40}".prop_map(|text: String| (true, text.into_bytes())),
+            proptest::collection::vec(any::<u8>(), 0..300).prop_map(|bytes| (false, bytes)),
+        ];
+        (
+            payload,
+            proptest::collection::vec(any::<usize>(), 0..4),
+            any::<bool>(),
+        )
+            .prop_map(|((text, payload), cuts, pings)| Planned {
+                text,
+                payload,
+                cuts,
+                pings,
+            })
+    }
+
+    /// Splits `payload` at `cuts` (taken modulo its length + 1, so empty fragments happen too).
+    fn fragments<'p>(payload: &'p [u8], cuts: &[usize]) -> Vec<&'p [u8]> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|cut| cut % (payload.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        for cut in cuts {
+            pieces.push(&payload[start..cut]);
+            start = cut;
+        }
+        pieces.push(&payload[start..]);
+        pieces
+    }
+
+    /// The client frames for `plan`, and the messages the decoder should return for them.
+    fn encode_plan(plan: &[Planned], key: [u8; 4]) -> (Vec<u8>, Vec<Owned>) {
+        let mut stream = Vec::new();
+        let mut expected = Vec::new();
+        for message in plan {
+            let pieces = fragments(&message.payload, &message.cuts);
+            let last = pieces.len() - 1;
+            for (index, piece) in pieces.iter().enumerate() {
+                let opcode = match (index, message.text) {
+                    (0, true) => OpCode::Text,
+                    (0, false) => OpCode::Binary,
+                    _ => OpCode::Continuation,
+                };
+                stream.extend(test_client::frame_with_key(
+                    index == last,
+                    opcode,
+                    piece,
+                    key,
+                ));
+                if message.pings && index < last {
+                    stream.extend(test_client::frame_with_key(
+                        true,
+                        OpCode::Ping,
+                        &[index as u8],
+                        key,
+                    ));
+                    expected.push(Owned::Ping(vec![index as u8]));
+                }
+            }
+            expected.push(if message.text {
+                Owned::Text(String::from_utf8(message.payload.clone()).unwrap())
+            } else {
+                Owned::Binary(message.payload.clone())
+            });
+        }
+        (stream, expected)
+    }
+
+    /// A byte string mixing valid characters of every width with arbitrary bytes.
+    fn mostly_utf8() -> impl Strategy<Value = Vec<u8>> {
+        let atom = prop_oneof![
+            3 => any::<char>().prop_map(|c| c.to_string().into_bytes()),
+            1 => any::<u8>().prop_map(|byte| vec![byte]),
+            1 => proptest::sample::select(vec![
+                vec![0xe0, 0x80], vec![0xed, 0xa0], vec![0xf4, 0x90], vec![0xf0, 0x9f], vec![0xc3],
+            ]),
+        ];
+        proptest::collection::vec(atom, 0..12).prop_map(|atoms| atoms.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn valid_streams_decode_whatever_the_read_sizes(
+            plan in proptest::collection::vec(planned(), 0..6),
+            key in any::<[u8; 4]>(),
+            chunks in proptest::collection::vec(1..64usize, 1..8),
+        ) {
+            let (stream, expected) = encode_plan(&plan, key);
+            let mut decoder = Decoder::new(TABLE_MESSAGE_BYTES_MAX);
+            let (messages, error) = drive(&mut decoder, &stream, &chunks, false);
+            prop_assert_eq!(error, None);
+            prop_assert_eq!(messages, expected);
+            prop_assert!(!decoder.in_fragmented_message());
+        }
+
+        #[test]
+        fn utf8_fails_at_the_first_fragment_that_shows_it(
+            bytes in mostly_utf8(),
+            cuts in proptest::collection::vec(any::<usize>(), 0..5),
+        ) {
+            let pieces = fragments(&bytes, &cuts);
+            let last = pieces.len() - 1;
+            // Reference: the first fragment whose end makes the prefix definitely invalid, or the
+            // final fragment if the whole is merely unfinished.
+            let mut end = 0;
+            let mut expected = None;
+            for (index, piece) in pieces.iter().enumerate() {
+                end += piece.len();
+                match std::str::from_utf8(&bytes[..end]) {
+                    Err(error) if error.error_len().is_some() || index == last => {
+                        expected = Some(Err((index, error.valid_up_to())));
+                        break;
+                    }
+                    Ok(text) if index == last => expected = Some(Ok(text.to_owned())),
+                    _ => {}
+                }
+            }
+            let mut decoder = Decoder::new(1000);
+            let mut outcome = None;
+            for (index, piece) in pieces.iter().enumerate() {
+                let opcode = if index == 0 { OpCode::Text } else { OpCode::Continuation };
+                let mut buf = frame(index == last, opcode, piece);
+                match decode_owned(&mut decoder, &mut buf) {
+                    Ok(Some((_, None))) => prop_assert!(index < last),
+                    Ok(Some((_, Some(Owned::Text(text))))) => outcome = Some(Ok(text)),
+                    Err(ProtocolError::InvalidUtf8 { valid_up_to }) => {
+                        outcome = Some(Err((index, valid_up_to)));
+                        break;
+                    }
+                    other => prop_assert!(false, "fragment {} gave {:?}", index, other),
+                }
+            }
+            prop_assert_eq!(outcome, expected);
+        }
+
+        #[test]
+        fn mutated_streams_never_panic_or_overrun(
+            plan in proptest::collection::vec(planned(), 0..4),
+            key in any::<[u8; 4]>(),
+            mutations in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+            chunks in proptest::collection::vec(1..64usize, 1..8),
+            message_bytes_max in 0..400usize,
+        ) {
+            let (mut stream, _) = encode_plan(&plan, key);
+            if !stream.is_empty() {
+                let len = stream.len();
+                for (at, flip) in mutations {
+                    stream[at % len] ^= flip;
+                }
+            }
+            let mut decoder = Decoder::new(message_bytes_max);
+            drive(&mut decoder, &stream, &chunks, true);
+        }
+
+        #[test]
+        fn random_bytes_never_panic_or_overrun(
+            stream in proptest::collection::vec(any::<u8>(), 0..300),
+            chunks in proptest::collection::vec(1..64usize, 1..8),
+            message_bytes_max in 0..400usize,
+        ) {
+            let mut decoder = Decoder::new(message_bytes_max);
+            drive(&mut decoder, &stream, &chunks, true);
+            // Also straight through FrameHeader::parse, every suffix.
+            for start in 0..stream.len() {
+                if let Ok(Some((_, used))) = FrameHeader::parse(&stream[start..]) {
+                    prop_assert!(used <= stream.len() - start);
+                }
+            }
+        }
+    }
+}
