@@ -6,38 +6,10 @@
 
 use std::net::SocketAddr;
 
-use stocksync::app::{Protocol, Service, WsMessage};
+use stocksync::app::echo::Echo;
+use stocksync::app::Protocol;
 use stocksync::config::Limits;
-use stocksync::http::request::Request;
-use stocksync::http::response::Response;
-use stocksync::net::{ConnId, Ctx, EventLoop, Frame};
-use stocksync::ws::frame::{self, OpCode};
-
-struct Echo;
-
-impl Service for Echo {
-    fn on_request(&mut self, _cx: &mut Ctx<'_>, _id: ConnId, _req: &Request) -> Option<Response> {
-        Some(
-            Response::text(426, "this is a WebSocket echo server\n").header("Upgrade", "websocket"),
-        )
-    }
-
-    fn on_upgrade(&mut self, _: &mut Ctx<'_>, _: ConnId, _: &Request) -> Result<(), Response> {
-        Ok(())
-    }
-
-    fn on_ws_open(&mut self, _cx: &mut Ctx<'_>, _id: ConnId, _req: &Request) {}
-
-    fn on_ws_message(&mut self, cx: &mut Ctx<'_>, id: ConnId, message: WsMessage<'_>) {
-        let bytes = match message {
-            WsMessage::Text(text) => frame::encode(OpCode::Text, text.as_bytes()),
-            WsMessage::Binary(data) => frame::encode(OpCode::Binary, data),
-        };
-        cx.send(id, Frame::from(bytes));
-    }
-
-    fn on_ws_close(&mut self, _cx: &mut Ctx<'_>, _id: ConnId) {}
-}
+use stocksync::net::EventLoop;
 
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

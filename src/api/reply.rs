@@ -85,12 +85,7 @@ pub fn bare(kind: &str, id: Option<&Value>) -> Frame {
 }
 
 /// `{"type":"ack",..}`: one state for a single op, an array for a batch.
-pub fn ack<'a>(
-    id: Option<&Value>,
-    batch: bool,
-    states: &[(&'a str, Stock)],
-    duplicate: bool,
-) -> Frame {
+pub fn ack(id: Option<&Value>, batch: bool, states: &[(&str, Stock)], duplicate: bool) -> Frame {
     frame(|out| {
         write_head(out, "ack", id);
         let _ = out.write_all(br#","stock":"#);

@@ -2,6 +2,7 @@
 //! upgrade, RFC 6455 message framing, heartbeats and timeouts. A [`Service`] sees whole HTTP
 //! requests and whole WebSocket messages; the loop sees only bytes.
 
+pub mod echo;
 pub mod protocol;
 
 pub use protocol::Protocol;

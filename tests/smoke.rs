@@ -1,0 +1,25 @@
+//! The server starts, accepts a subscriber and a writer, and broadcasts a change.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[test]
+fn a_write_reaches_a_subscriber() {
+    let server = Server::start(&[]);
+    let mut sub = server.ws("/ws");
+    let reply = request(&mut sub, json!({"type":"subscribe","skus":["sku-1"]}));
+    assert_eq!(reply["type"], "subscribed");
+    let mut writer = server.writer();
+    let ack = request(
+        &mut writer,
+        json!({"type":"stock_update","id":1,"stock":{"id":"sku-1","action":"set","quantity":5}}),
+    );
+    assert_eq!(ack["type"], "ack");
+    assert_eq!(ack["id"], 1);
+    let update = recv(&mut sub);
+    assert_eq!(update["type"], "stock_update");
+    assert_eq!(update["stock"]["quantity"], 5);
+    assert_eq!(update["stock"]["version"], 1);
+}
