@@ -115,6 +115,12 @@ const FLAGS: &[Flag] = &[
         help: "writes per second per connection, 0 = unlimited (default 0)",
     },
     Flag {
+        name: "--token-write-rate",
+        env: "STOCKSYNC_TOKEN_WRITE_RATE",
+        value: "N",
+        help: "writes per second per token over all its connections, 0 = unlimited (default 0)",
+    },
+    Flag {
         name: "--send-high-bytes",
         env: "STOCKSYNC_SEND_HIGH_BYTES",
         value: "N",
@@ -125,6 +131,12 @@ const FLAGS: &[Flag] = &[
         env: "STOCKSYNC_SEND_MAX_BYTES",
         value: "N",
         help: "unsent bytes past which a client is disconnected, 1008 (default 4194304)",
+    },
+    Flag {
+        name: "--socket-send-buffer",
+        env: "STOCKSYNC_SOCKET_SEND_BUFFER",
+        value: "BYTES",
+        help: "SO_SNDBUF per connection, 0 = kernel autotuning (default 131072)",
     },
     Flag {
         name: "--ping-interval",
@@ -292,6 +304,9 @@ impl Settings {
                 self.service.subscriptions_per_conn_max = parse_number(name, value)?
             }
             "--write-rate" => self.service.writes_per_conn_per_sec = parse_number(name, value)?,
+            "--token-write-rate" => {
+                self.service.writes_per_token_per_sec = parse_number(name, value)?
+            }
             "--send-high-bytes" => {
                 self.limits.send_queue_high_bytes = parse_number(name, value)?;
                 self.limits.send_queue_low_bytes = self
@@ -300,6 +315,9 @@ impl Settings {
                     .min(self.limits.send_queue_high_bytes / 4);
             }
             "--send-max-bytes" => self.limits.send_queue_bytes_max = parse_number(name, value)?,
+            "--socket-send-buffer" => {
+                self.limits.socket_send_buffer_bytes = parse_number(name, value)?
+            }
             "--ping-interval" => {
                 self.limits.ping_interval_ms = secs_to_ms(parse_number(name, value)?)
             }

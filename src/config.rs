@@ -23,12 +23,17 @@ pub struct Limits {
     pub send_queue_high_bytes: usize,
     /// Unsent bytes below which a full connection is "drained" again.
     pub send_queue_low_bytes: usize,
-    /// Hard limit on unsent bytes: past it the connection is closed (WebSocket 1008).
+    /// Hard limit on unsent bytes already queued when another frame is added: past it the
+    /// connection is closed (WebSocket 1008). One large reply alone never trips it.
     pub send_queue_bytes_max: usize,
     /// Hard limit on queued frames, the same way.
     pub send_queue_frames_max: usize,
     /// Bytes written to one connection per flush before others get their turn.
     pub flush_bytes_per_turn_max: usize,
+    /// SO_SNDBUF for accepted sockets (the kernel doubles it); 0 keeps the kernel's
+    /// autotuning, which lets a stalled client park up to `tcp_wmem` max (4 MiB by default) in
+    /// kernel memory before `send_queue_high_bytes` and conflation ever engage.
+    pub socket_send_buffer_bytes: usize,
     /// How long a closing connection may take to drain and say goodbye before it is cut.
     pub close_linger_ms: u64,
     /// After SIGINT/SIGTERM, how long to wait for connections to close before exiting anyway.
@@ -58,6 +63,7 @@ impl Default for Limits {
             send_queue_bytes_max: 4 * 1024 * 1024,
             send_queue_frames_max: 64 * 1024,
             flush_bytes_per_turn_max: 256 * 1024,
+            socket_send_buffer_bytes: 128 * 1024,
             close_linger_ms: 3_000,
             shutdown_grace_ms: 5_000,
             handshake_timeout_ms: 10_000,

@@ -12,6 +12,19 @@ use crate::http::response::Response;
 use crate::net::{ConnId, Ctx, Frame, Pressure};
 use crate::ws::frame::{self, OpCode};
 
+/// Protocol-level limits a connection can run into (see `config::Limits`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// The first request was not complete within `handshake_timeout_ms` (slowloris).
+    HandshakeTimeout,
+    /// A WebSocket sent nothing for `idle_timeout_ms`.
+    IdleTimeout,
+    /// A WebSocket message over `ws_message_bytes_max` (closed with 1009).
+    MessageTooBig,
+    /// An HTTP request head or body over its limit (431 / 413).
+    RequestTooLarge,
+}
+
 /// A whole WebSocket data message.
 #[derive(Clone, Copy, Debug)]
 pub enum WsMessage<'a> {
@@ -39,6 +52,9 @@ pub trait Service {
     fn on_ws_close(&mut self, cx: &mut Ctx<'_>, id: ConnId);
     fn on_buffer_full(&mut self, _cx: &mut Ctx<'_>, _id: ConnId, _pressure: Pressure) {}
     fn on_buffer_drain(&mut self, _cx: &mut Ctx<'_>, _id: ConnId) {}
+    /// A connection ran into a protocol-level limit (it is being closed or refused); for
+    /// counting and rate-limited logging.
+    fn on_limit(&mut self, _cx: &mut Ctx<'_>, _id: ConnId, _limit: Limit) {}
     fn on_wake(&mut self, _cx: &mut Ctx<'_>) {}
     fn on_reload(&mut self, _cx: &mut Ctx<'_>) {}
     fn before_sleep(&mut self, _cx: &mut Ctx<'_>) {}
@@ -55,9 +71,14 @@ pub fn text_frame(payload: &[u8]) -> Frame {
     Frame::from(frame::encode(OpCode::Text, payload))
 }
 
+/// Payload room reserved up front by [`json_frame`]: a stock update fits, so the buffer does not
+/// regrow 10 -> 20 -> 40 -> 80 -> 160 bytes while serde writes (serde_json's own `to_vec` starts
+/// at 128 for the same reason; benches/frame.rs `encode_json`).
+const JSON_FRAME_PAYLOAD_BYTES: usize = 128;
+
 /// Frames a value serialised as JSON, without an intermediate copy of the payload.
 pub fn json_frame<T: serde::Serialize + ?Sized>(value: &T) -> Frame {
-    let mut writer = frame::FrameWriter::new(OpCode::Text);
+    let mut writer = frame::FrameWriter::with_capacity(OpCode::Text, JSON_FRAME_PAYLOAD_BYTES);
     // Serialising our own message types into memory cannot fail: they hold no maps with
     // non-string keys and the writer never returns an error.
     serde_json::to_writer(&mut writer, value).expect("serialising a reply into memory");

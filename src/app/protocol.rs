@@ -6,7 +6,7 @@
 
 use log::{debug, warn};
 
-use super::{Service, WsMessage};
+use super::{Limit, Service, WsMessage};
 use crate::http::request::{self, Request};
 use crate::http::response::Response;
 use crate::net::{CloseReason, ConnId, Ctx, Frame, Handler, Pressure};
@@ -156,6 +156,18 @@ impl<S: Service> Protocol<S> {
     }
 }
 
+/// The contract's JSON error body (PROTOCOL.md "HTTP API") for a request refused before it
+/// reached the service.
+fn http_error_body(e: &request::ParseError) -> Vec<u8> {
+    let code = match e.status() {
+        413 | 431 => "too_large",
+        _ => "bad_request",
+    };
+    serde_json::json!({"error": {"code": code, "message": e.to_string()}})
+        .to_string()
+        .into_bytes()
+}
+
 /// Codes we may echo back in a close reply; anything else is answered with 1000.
 fn echoable(code: u16) -> bool {
     close::is_valid_received(code)
@@ -193,8 +205,10 @@ impl<S: Service> Handler for Protocol<S> {
                     }
                     Err(e) => {
                         debug!("{id} bad HTTP request: {e}");
-                        let body = format!("{e}\n");
-                        let response = Response::text(e.status(), &body).close();
+                        if matches!(e.status(), 413 | 431) {
+                            self.service.on_limit(cx, id, Limit::RequestTooLarge);
+                        }
+                        let response = Response::json(e.status(), http_error_body(&e)).close();
                         cx.send(id, Frame::from(response.to_bytes()));
                         cx.close(id);
                         return data.len();
@@ -236,6 +250,9 @@ impl<S: Service> Handler for Protocol<S> {
                         }
                         Err(e) => {
                             debug!("{id} WebSocket protocol error: {e}");
+                            if e.close_code() == close::MESSAGE_TOO_BIG {
+                                self.service.on_limit(cx, id, Limit::MessageTooBig);
+                            }
                             Self::fail(cx, id, e.close_code(), &e.to_string());
                             return data.len();
                         }
@@ -283,6 +300,7 @@ impl<S: Service> Handler for Protocol<S> {
         match &mut state.phase {
             Phase::Http { served: 0 } => {
                 debug!("{id} handshake timeout");
+                self.service.on_limit(cx, id, Limit::HandshakeTimeout);
                 let response = Response::text(408, "request timeout\n").close();
                 cx.send(id, Frame::from(response.to_bytes()));
                 cx.close(id);
@@ -294,6 +312,7 @@ impl<S: Service> Handler for Protocol<S> {
             Phase::WebSocket { last_ping_ms, .. } => {
                 if now >= state.last_input_ms + limits.idle_timeout_ms {
                     debug!("{id} idle timeout");
+                    self.service.on_limit(cx, id, Limit::IdleTimeout);
                     Self::fail(cx, id, close::GOING_AWAY, "idle timeout");
                     return;
                 }

@@ -411,10 +411,13 @@ fn names_http_version(window: &[u8]) -> bool {
         .iter()
         .position(|&byte| byte == b'\r' || byte == b'\n')
         .unwrap_or(line.len());
-    let version = line[..line_end]
-        .rsplit(|&byte| byte == b' ')
-        .next()
-        .unwrap_or_default();
+    // RFC 9112 §3: method SP request-target SP HTTP-version, exactly. A line with more parts
+    // (a space inside the target) is an invalid request line, 400, even if it ends in HTTP/1.1.
+    let mut parts = line[..line_end].split(|&byte| byte == b' ');
+    let version = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some(_), Some(version), None) => version,
+        _ => return false,
+    };
     version
         .strip_prefix(b"HTTP/")
         .and_then(<[u8]>::first)
@@ -804,6 +807,14 @@ mod tests {
             bytes: b"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n",
             limits: DEFAULT,
             error: ParseError::Malformed(httparse::Error::HeaderValue),
+            status: 400,
+        },
+        Invalid {
+            // httparse takes "b" as the version; the line names HTTP/1.1 only after a space in
+            // the target, which makes it invalid (RFC 9112 §3), not an unsupported version.
+            bytes: b"GET /a b HTTP/1.1\r\n\r\n",
+            limits: DEFAULT,
+            error: ParseError::Malformed(httparse::Error::Version),
             status: 400,
         },
         Invalid {

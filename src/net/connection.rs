@@ -107,6 +107,8 @@ pub struct Connection {
     pub read_paused: bool,
     /// Above the high mark; `on_buffer_drain` fires when it falls below the low mark.
     pub above_high_mark: bool,
+    /// The hard limit was hit (signalled once; the connection is then closed).
+    pub over_hard_limit: bool,
     pub close_reason: Option<CloseReason>,
     /// The handler's deadline (timer ticks), 0 = none.
     pub deadline_tick: u64,
@@ -129,6 +131,7 @@ impl Connection {
             read_pending: false,
             read_paused: false,
             above_high_mark: false,
+            over_hard_limit: false,
             close_reason: None,
             deadline_tick: 0,
             armed_tick: 0,

@@ -34,6 +34,8 @@ const EVENTS_PER_POLL_MAX: usize = 1024;
 const READS_PER_TURN_MAX: usize = 16;
 /// Rounds of flush -> drain callback -> flush in one iteration; the rest waits for the next one.
 const FLUSH_ROUNDS_MAX: usize = 4;
+/// Spare capacity a connection's pending-input buffer may keep beyond what it holds.
+const PENDING_RETAINED_BYTES_MAX: usize = 64 * 1024;
 /// Warnings about the same refused-accept cause are logged at most this often.
 const LIMIT_LOG_INTERVAL_MS: u64 = 10_000;
 
@@ -186,21 +188,18 @@ impl Ctx<'_> {
 
     /// Queues a frame, whatever the connection's pressure (replies are never dropped).
     pub fn send(&mut self, id: ConnId, frame: Frame) -> SendStatus {
-        self.enqueue(id, frame)
+        self.enqueue(id, &frame, false)
     }
 
     /// Queues a clone of `frame` only if the connection is below its high mark: broadcasts use
     /// this and conflate when it answers `Full`. No clone is made unless it is queued.
     pub fn send_unless_full(&mut self, id: ConnId, frame: &Frame) -> SendStatus {
-        match self.conn(id) {
-            Some(c) if c.state != ConnState::Open => SendStatus::Closed,
-            None => SendStatus::Closed,
-            Some(c) if c.above_high_mark => SendStatus::Full,
-            Some(_) => self.enqueue(id, frame.clone()),
-        }
+        self.enqueue(id, frame, true)
     }
 
-    fn enqueue(&mut self, id: ConnId, frame: Frame) -> SendStatus {
+    /// The one enqueue path: a single slab lookup, since this runs once per subscriber per
+    /// broadcast.
+    fn enqueue(&mut self, id: ConnId, frame: &Frame, unless_full: bool) -> SendStatus {
         let core = &mut *self.core;
         let Some(conn) = self
             .conns
@@ -212,9 +211,17 @@ impl Ctx<'_> {
         if conn.state != ConnState::Open {
             return SendStatus::Closed;
         }
-        let was_over_hard = conn.send_queue.bytes() > core.limits.send_queue_bytes_max
+        if unless_full && conn.above_high_mark {
+            return SendStatus::Full;
+        }
+        let frame = frame.clone();
+        // The hard limit is on backlog: a frame queued behind more than the limit trips it, so
+        // one large reply (a `*` snapshot of many SKUs) to a reader that keeps up is fine.
+        let backlog_over_hard = conn.send_queue.bytes() > core.limits.send_queue_bytes_max
             || conn.send_queue.len() >= core.limits.send_queue_frames_max;
         conn.send_queue.push(frame);
+        // A connection waiting for writability is flushed by its WRITABLE event; trying it
+        // every iteration would only repeat a write the kernel refuses with EAGAIN.
         if !conn.flush_pending {
             conn.flush_pending = true;
             core.flush_list.push(id.index);
@@ -224,9 +231,8 @@ impl Ctx<'_> {
             conn.above_high_mark = true;
             core.pressure_list.push((id, Pressure::High));
         }
-        let over_hard = bytes > core.limits.send_queue_bytes_max
-            || conn.send_queue.len() > core.limits.send_queue_frames_max;
-        if over_hard && !was_over_hard {
+        if backlog_over_hard && !conn.over_hard_limit {
+            conn.over_hard_limit = true;
             core.pressure_list.push((id, Pressure::Hard));
         }
         if conn.above_high_mark {
@@ -345,6 +351,8 @@ pub struct EventLoop<H: Handler> {
     core: Core,
     read_buf: Vec<u8>,
     timer_out: Vec<Entry>,
+    /// This iteration's readiness, copied out of `events` so handlers can borrow the loop.
+    ready: Vec<(Token, bool, bool)>,
     handler: H,
 }
 
@@ -400,6 +408,7 @@ impl<H: Handler> EventLoop<H> {
             },
             read_buf: vec![0; READ_CHUNK_BYTES],
             timer_out: Vec::new(),
+            ready: Vec::with_capacity(EVENTS_PER_POLL_MAX),
             handler,
         })
     }
@@ -456,18 +465,15 @@ impl<H: Handler> EventLoop<H> {
                 Err(e) => return Err(e),
             }
             self.core.now_ms = self.core.start.elapsed().as_millis() as u64;
-            let events: Vec<(Token, bool, bool)> = self
-                .events
-                .iter()
-                .map(|e| {
-                    (
-                        e.token(),
-                        e.is_readable() || e.is_read_closed() || e.is_error(),
-                        e.is_writable() || e.is_write_closed(),
-                    )
-                })
-                .collect();
-            for (token, readable, writable) in events {
+            let mut ready = std::mem::take(&mut self.ready);
+            ready.extend(self.events.iter().map(|e| {
+                (
+                    e.token(),
+                    e.is_readable() || e.is_read_closed() || e.is_error(),
+                    e.is_writable() || e.is_write_closed(),
+                )
+            }));
+            for &(token, readable, writable) in &ready {
                 match token {
                     LISTENER => self.accept_all(),
                     WAKER => self.guarded_global(|h, cx| h.on_wake(cx)),
@@ -482,6 +488,8 @@ impl<H: Handler> EventLoop<H> {
                     }
                 }
             }
+            ready.clear();
+            self.ready = ready;
             self.reread();
             self.expire_timers();
             if self.core.stopping && shutdown_deadline_ms.is_none() {
@@ -623,6 +631,14 @@ impl<H: Handler> EventLoop<H> {
         if let Err(e) = stream.set_nodelay(true) {
             debug!("set_nodelay failed for {addr}: {e}");
         }
+        // Bounds what a stalled client parks in kernel memory, so the send queue's marks (and
+        // conflation) engage after a known amount rather than after tcp_wmem's maximum.
+        let send_buffer = self.core.limits.socket_send_buffer_bytes;
+        if send_buffer > 0 {
+            if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(send_buffer) {
+                debug!("SO_SNDBUF failed for {addr}: {e}");
+            }
+        }
         let entry = self.conns.vacant_entry();
         let index = entry.key() as u32;
         if let Err(e) =
@@ -752,10 +768,19 @@ impl<H: Handler> EventLoop<H> {
             pending.drain(..consumed);
             if let Some(conn) = self.conns.get_mut(index) {
                 if conn.generation == id.generation && conn.state == ConnState::Open {
+                    // Keep a buffer only while a partial message exists: idle connections
+                    // hold no input memory.
                     if !pending.is_empty() {
-                        pending.shrink_to_fit();
+                        // A big message was consumed and a small tail is left: give the big
+                        // buffer back. While one message is still growing, keep the capacity
+                        // (shrinking on every read would copy it over and over).
+                        if pending.capacity() > PENDING_RETAINED_BYTES_MAX
+                            && pending.capacity() > 4 * pending.len()
+                        {
+                            pending.shrink_to_fit();
+                        }
+                        conn.pending_input = pending;
                     }
-                    conn.pending_input = pending;
                 }
             }
         }

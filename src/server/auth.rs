@@ -74,6 +74,48 @@ impl Access {
     }
 }
 
+/// A fixed one-second window of writes: cheap, and exact enough for abuse control.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RateWindow {
+    start_ms: u64,
+    count: u32,
+}
+
+impl RateWindow {
+    /// Counts one write at `now_ms` if fewer than `per_second` were counted in the current
+    /// window; `false` means refuse it (a refused write does not count).
+    pub fn allow(&mut self, now_ms: u64, per_second: u32) -> bool {
+        if now_ms >= self.start_ms.saturating_add(1000) {
+            self.start_ms = now_ms;
+            self.count = 0;
+        }
+        if self.count >= per_second {
+            return false;
+        }
+        self.count += 1;
+        true
+    }
+}
+
+/// Write rate windows per token name, shared by every connection and request using the token.
+/// Bounded by the number of configured tokens (names come only from a successful check).
+#[derive(Debug, Default)]
+pub struct TokenRates {
+    windows: std::collections::HashMap<String, RateWindow>,
+}
+
+impl TokenRates {
+    pub fn allow(&mut self, name: &str, now_ms: u64, per_second: u32) -> bool {
+        if let Some(window) = self.windows.get_mut(name) {
+            return window.allow(now_ms, per_second);
+        }
+        let mut window = RateWindow::default();
+        let allowed = window.allow(now_ms, per_second);
+        self.windows.insert(name.to_string(), window);
+        allowed
+    }
+}
+
 /// The token of a request: `Authorization: Bearer T`, else `?token=T`.
 pub fn presented_token(req: &crate::http::Request) -> Option<String> {
     if let Some(value) = req.header_str("authorization") {
@@ -121,5 +163,18 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn rate_windows() {
+        let mut window = RateWindow::default();
+        assert!(window.allow(5, 2));
+        assert!(window.allow(6, 2));
+        assert!(!window.allow(999, 2));
+        assert!(window.allow(1005, 2), "a new window starts a second later");
+        let mut rates = TokenRates::default();
+        assert!(rates.allow("erp", 0, 1));
+        assert!(!rates.allow("erp", 10, 1));
+        assert!(rates.allow("shop", 10, 1), "each token has its own window");
     }
 }

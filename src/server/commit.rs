@@ -10,7 +10,10 @@ use crate::api::messages::WriteRequest;
 use crate::api::{reply, ApiError, ErrorCode};
 use crate::net::{ConnId, Ctx, Frame};
 use crate::stock::{Lookup, SkuId, Stock};
-use crate::wal::{KeyRecord, Record};
+use crate::wal::{KeyRecord, Record, SnapshotPart};
+
+/// Known SKUs added to a snapshot per loop iteration (see `maybe_snapshot`).
+pub const SNAPSHOT_CHUNK_SKUS: usize = 65_536;
 
 /// How the writer wants its answer.
 #[derive(Clone, Debug)]
@@ -42,6 +45,8 @@ pub enum Body {
         names: Vec<String>,
         all_known: bool,
     },
+    /// Built from the service's state when released (an HTTP read pipelined behind a write).
+    Build(Box<dyn FnOnce(&StockService) -> Frame>),
 }
 
 pub struct PendingChange {
@@ -312,6 +317,7 @@ impl StockService {
                         names,
                         all_known,
                     } => self.states_frame(kind, id.as_ref(), &names, all_known),
+                    Body::Build(build) => build(self),
                 };
                 cx.send(to, frame);
                 if close_after {
@@ -413,30 +419,37 @@ impl StockService {
         }
     }
 
-    /// Hands the log a snapshot of durable state when it asks for one.
+    /// Adds the next part of the snapshot the log has open, if any: the durable state of up
+    /// to [`SNAPSHOT_CHUNK_SKUS`] known SKUs per loop iteration, so 1M SKUs pause the loop
+    /// for a few milliseconds at a time instead of once for the whole store (the log keeps
+    /// the idempotency keys itself). Why a snapshot spread over iterations is still exact
+    /// after replay: see `crate::wal::snapshot`.
     pub(super) fn maybe_snapshot(&mut self) {
-        if !self.log.wants_snapshot() || !self.outbox.is_empty() || self.log.in_flight() {
-            // Only between batches: then durable state is exactly the store.
+        let Some(cursor) = self.log.snapshot_request() else {
             return;
-        }
-        let states: Vec<(String, Stock)> = self
+        };
+        let started = Instant::now();
+        let mut part = SnapshotPart::new();
+        let mut next_slot = None;
+        let from = self
             .store
             .known()
-            .map(|(sku, stock)| (self.store.name(sku).to_string(), stock))
-            .collect();
-        let keys: Vec<KeyRecord> = self
-            .keys
-            .iter()
-            .map(|(key, fingerprint, result, created_secs)| KeyRecord {
-                key: key.to_string(),
-                fingerprint: fingerprint.0,
-                result: result
-                    .iter()
-                    .map(|&(sku, s)| (self.store.name(sku).to_string(), s))
-                    .collect(),
-                created_secs,
-            })
-            .collect();
-        self.log.snapshot(self.last_seq, states, keys);
+            .skip_while(|(sku, _)| sku.0 < cursor.next_slot);
+        for (sku, _) in from {
+            if part.states() as usize >= SNAPSHOT_CHUNK_SKUS {
+                next_slot = Some(sku.0);
+                break;
+            }
+            // Durable state only: a change still in flight may yet fail and be undone.
+            part.state(self.store.name(sku), self.visible(sku));
+        }
+        part.next_slot = next_slot;
+        log::debug!(
+            "snapshot part of {} states ({} bytes) collected in {} us",
+            part.states(),
+            part.byte_len(),
+            started.elapsed().as_micros()
+        );
+        self.log.snapshot_part(part);
     }
 }

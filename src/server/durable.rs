@@ -1,21 +1,56 @@
-//! Opening the data directory: recovery and the write-ahead log.
+//! Opening the data directory: lock it, recover the store and idempotency keys from the
+//! newest snapshot and the log after it, and open the write-ahead log ([`crate::wal`]).
 
 use std::path::Path;
 
-use crate::cli::Settings;
-use crate::stock::{IdempotencyCache, Store};
-use crate::wal::memory::MemoryLog;
-use crate::wal::Log;
+use log::info;
 
-/// Recovers the store from `dir` and opens its log.
+use crate::cli::{FsyncPolicy, Settings};
+use crate::stock::{IdempotencyCache, Store};
+use crate::wal::{recovery, Log, LogOptions};
+
+/// Recovers the store from `dir` and opens its log. Errors are for the operator: another
+/// process holds the dir, or a file is corrupt (named, with the byte offset).
 pub fn open(
     dir: &Path,
-    _settings: &Settings,
+    settings: &Settings,
     keys: IdempotencyCache,
 ) -> Result<(Store, IdempotencyCache, Box<dyn Log>), String> {
-    log::warn!(
-        "write-ahead log not available yet; {} is not used",
-        dir.display()
+    let options = LogOptions {
+        sync: settings.fsync == FsyncPolicy::Always,
+        snapshot_log_bytes: settings.snapshot_log_bytes,
+    };
+    if !options.sync {
+        log::warn!(
+            "--fsync never: acknowledged writes survive a process crash but not a power loss \
+             or kernel crash; for benchmarks and throwaway data only"
+        );
+    }
+    let recovered = recovery::open(dir, options, keys, super::now_secs())
+        .map_err(|e| format!("cannot open data dir {}: {e}", dir.display()))?;
+    let report = &recovered.report;
+    info!(
+        "recovered {} in {} ms: snapshot {} ({} SKUs, {} keys), {} log segments ({} bytes), \
+         {} records replayed, next record {}{}",
+        dir.display(),
+        report.elapsed.as_millis(),
+        report
+            .snapshot
+            .as_ref()
+            .map_or("none".to_string(), |p| p.display().to_string()),
+        report.snapshot_states,
+        report.snapshot_keys,
+        report.segments,
+        report.log_bytes,
+        report.records_replayed,
+        report.next_seq,
+        match &report.torn_tail {
+            Some((path, offset, cut)) => format!(
+                "; cut a torn tail of {cut} bytes at {}:{offset}",
+                path.display()
+            ),
+            None => String::new(),
+        }
     );
-    Ok((Store::new(), keys, Box::new(MemoryLog::new())))
+    Ok((recovered.store, recovered.keys, Box::new(recovered.log)))
 }

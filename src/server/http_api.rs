@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 use super::auth::{self, Grant, Role};
-use super::commit::ReplyTo;
+use super::commit::{Body, Outgoing, ReplyTo};
 use super::metrics::{self, Snapshot};
 use super::StockService;
 use crate::api::messages::{self, WriteRequest};
@@ -113,9 +113,11 @@ impl StockService {
                 if let Err(error) = messages::check_sku(&name) {
                     return self.answer(cx, id, error_response(&error), keep_alive);
                 }
-                let mut body = Vec::with_capacity(128);
-                reply::write_state(&mut body, &name, self.visible_by_name(&name));
-                self.answer(cx, id, Response::json(200, body), keep_alive)
+                self.answer_read(id, keep_alive, move |service| {
+                    let mut body = Vec::with_capacity(128);
+                    reply::write_state(&mut body, &name, service.visible_by_name(&name));
+                    Response::json(200, body)
+                })
             }
             Route::StockMany => {
                 let list = req.query_param("skus").unwrap_or_default();
@@ -131,12 +133,14 @@ impl StockService {
                 if let Some(error) = names.iter().find_map(|n| messages::check_sku(n).err()) {
                     return self.answer(cx, id, error_response(&error), keep_alive);
                 }
-                let states: Vec<(&str, crate::stock::Stock)> = names
-                    .iter()
-                    .map(|&n| (n, self.visible_by_name(n)))
-                    .collect();
-                let body = reply::http_stock_body(&states, true, false);
-                self.answer(cx, id, Response::json(200, body), keep_alive)
+                let names: Vec<String> = names.into_iter().map(String::from).collect();
+                self.answer_read(id, keep_alive, move |service| {
+                    let states: Vec<(&str, crate::stock::Stock)> = names
+                        .iter()
+                        .map(|n| (n.as_str(), service.visible_by_name(n)))
+                        .collect();
+                    Response::json(200, reply::http_stock_body(&states, true, false))
+                })
             }
             Route::WriteOne | Route::WriteBatch => {
                 let reply_to = ReplyTo::Http { keep_alive };
@@ -148,11 +152,11 @@ impl StockService {
                     self.refuse(cx, id, &reply_to, &error);
                     return None;
                 }
-                if !self.allow_write(cx, id) {
-                    let error = ApiError::new(
-                        ErrorCode::RateLimited,
-                        "too many writes on this connection; slow down",
-                    );
+                let token = match &grant {
+                    Grant::Token { name, .. } => Some(name.as_str()),
+                    _ => None,
+                };
+                if let Err(error) = self.allow_write(cx, id, token) {
                     self.refuse(cx, id, &reply_to, &error);
                     return None;
                 }
@@ -184,6 +188,37 @@ impl StockService {
             return None;
         }
         Some(response)
+    }
+
+    /// Answers a read now, or, when this connection has replies waiting (a pipelined write
+    /// still on its way to the log), builds it when its turn comes: a read pipelined after a
+    /// write sees that write.
+    fn answer_read(
+        &mut self,
+        id: ConnId,
+        keep_alive: bool,
+        build: impl FnOnce(&StockService) -> Response + 'static,
+    ) -> Option<Response> {
+        if !self.session_ref(id).is_some_and(|s| s.outbox_pending > 0) {
+            return Some(build(self));
+        }
+        self.session(id).outbox_pending += 1;
+        let body = Body::Build(Box::new(move |service: &StockService| {
+            let response = build(service);
+            let response = if keep_alive {
+                response
+            } else {
+                response.close()
+            };
+            Frame::from(response.to_bytes())
+        }));
+        self.outbox.push_back(Outgoing::Reply {
+            seq: self.last_seq,
+            to: id,
+            body,
+            close_after: !keep_alive,
+        });
+        None
     }
 
     fn health(&self, cx: &Ctx<'_>) -> Response {

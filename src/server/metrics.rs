@@ -41,6 +41,99 @@ impl Histogram {
     }
 }
 
+/// Limits a client can run into that the service counts (the loop counts its own: connection
+/// limits at accept, input buffer overflow).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitHit {
+    HandshakeTimeout,
+    IdleTimeout,
+    MessageTooBig,
+    RequestTooLarge,
+    Subscriptions,
+    WriteRateConnection,
+    WriteRateToken,
+    SendQueueHard,
+}
+
+impl LimitHit {
+    pub const ALL: [LimitHit; 8] = [
+        LimitHit::HandshakeTimeout,
+        LimitHit::IdleTimeout,
+        LimitHit::MessageTooBig,
+        LimitHit::RequestTooLarge,
+        LimitHit::Subscriptions,
+        LimitHit::WriteRateConnection,
+        LimitHit::WriteRateToken,
+        LimitHit::SendQueueHard,
+    ];
+
+    /// The `limit` label in metrics and the name in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitHit::HandshakeTimeout => "handshake_timeout",
+            LimitHit::IdleTimeout => "idle_timeout",
+            LimitHit::MessageTooBig => "message_too_big",
+            LimitHit::RequestTooLarge => "request_too_large",
+            LimitHit::Subscriptions => "subscriptions_max",
+            LimitHit::WriteRateConnection => "write_rate_connection",
+            LimitHit::WriteRateToken => "write_rate_token",
+            LimitHit::SendQueueHard => "send_queue_hard",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl From<crate::app::Limit> for LimitHit {
+    fn from(limit: crate::app::Limit) -> Self {
+        match limit {
+            crate::app::Limit::HandshakeTimeout => LimitHit::HandshakeTimeout,
+            crate::app::Limit::IdleTimeout => LimitHit::IdleTimeout,
+            crate::app::Limit::MessageTooBig => LimitHit::MessageTooBig,
+            crate::app::Limit::RequestTooLarge => LimitHit::RequestTooLarge,
+        }
+    }
+}
+
+/// Repeated hits of one limit are warned about at most this often; the rest are only counted.
+pub const LIMIT_LOG_INTERVAL_MS: u64 = 10_000;
+
+/// Counts of each limit hit, and when each was last warned about.
+#[derive(Clone, Debug, Default)]
+pub struct LimitHits {
+    counts: [u64; LimitHit::ALL.len()],
+    /// Loop time of the last warning per limit, `None` before the first.
+    last_warned_ms: [Option<u64>; LimitHit::ALL.len()],
+    /// Hits since the last warning, reported with the next one.
+    unreported: [u64; LimitHit::ALL.len()],
+}
+
+impl LimitHits {
+    /// Counts a hit and returns how many hits the warning should mention (this one plus those
+    /// suppressed since the last warning), or `None` when this limit was warned about within
+    /// [`LIMIT_LOG_INTERVAL_MS`].
+    pub fn hit(&mut self, limit: LimitHit, now_ms: u64) -> Option<u64> {
+        let i = limit.index();
+        self.counts[i] += 1;
+        self.unreported[i] += 1;
+        let due = match self.last_warned_ms[i] {
+            None => true,
+            Some(last) => now_ms >= last.saturating_add(LIMIT_LOG_INTERVAL_MS),
+        };
+        if !due {
+            return None;
+        }
+        self.last_warned_ms[i] = Some(now_ms);
+        Some(std::mem::take(&mut self.unreported[i]))
+    }
+
+    pub fn count(&self, limit: LimitHit) -> u64 {
+        self.counts[limit.index()]
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
     pub ws_opened_total: u64,
@@ -58,6 +151,7 @@ pub struct Metrics {
     /// error code -> replies.
     pub errors: BTreeMap<&'static str, u64>,
     pub ack_latency: Histogram,
+    pub limits: LimitHits,
 }
 
 impl Metrics {
@@ -247,6 +341,23 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "Writes refused by a rate limit.",
         s.service.rate_limited_total,
     );
+    family(
+        &mut out,
+        "stocksync_limit_hits_total",
+        "counter",
+        "Times a client ran into a configured limit, by limit.",
+    );
+    let loop_limits = [
+        ("connections_max", l.rejected_limit_total),
+        ("connections_per_ip_max", l.rejected_per_ip_total),
+        ("read_buffer", l.read_overflow_total),
+    ];
+    let service_limits = LimitHit::ALL
+        .iter()
+        .map(|&limit| (limit.name(), s.service.limits.count(limit)));
+    for (limit, n) in loop_limits.into_iter().chain(service_limits) {
+        let _ = writeln!(out, "stocksync_limit_hits_total{{limit=\"{limit}\"}} {n}");
+    }
     single(
         &mut out,
         "stocksync_origin_rejected_total",

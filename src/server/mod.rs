@@ -49,6 +49,9 @@ pub struct ServiceConfig {
     pub idempotency_ttl_secs: u64,
     /// Writes per second per connection (0 = unlimited); past it: `rate_limited` / 429.
     pub writes_per_conn_per_sec: u32,
+    /// Writes per second per token, summed over all its connections and requests (0 =
+    /// unlimited); past it: `rate_limited` / 429.
+    pub writes_per_token_per_sec: u32,
     /// Browser origins allowed to open a WebSocket (empty = any).
     pub allowed_origins: Vec<String>,
     /// Role shown in /healthz ("embedded", later "redis").
@@ -70,6 +73,7 @@ impl Default for ServiceConfig {
             idempotency_keys_max: 1_000_000,
             idempotency_ttl_secs: crate::stock::idempotency::IDEMPOTENCY_TTL_SECS,
             writes_per_conn_per_sec: 0,
+            writes_per_token_per_sec: 0,
             allowed_origins: Vec::new(),
             role_name: "embedded".into(),
             tokens_file: None,
@@ -89,6 +93,8 @@ struct Session {
     /// Write rate window: start (loop ms) and writes in it.
     window_start_ms: u64,
     window_writes: u32,
+    /// Name of the token the WebSocket handshake presented (for the per-token rate limit).
+    token: Option<String>,
 }
 
 pub struct StockService {
@@ -105,6 +111,8 @@ pub struct StockService {
     last_seq: u64,
     sessions: Vec<Session>,
     released: Vec<SkuId>,
+    /// Per-token write rate windows.
+    token_rates: auth::TokenRates,
     pub metrics: Metrics,
     started_ms: u64,
 }
@@ -134,6 +142,7 @@ impl StockService {
             last_seq: 0,
             sessions: Vec::new(),
             released: Vec::new(),
+            token_rates: auth::TokenRates::default(),
             metrics: Metrics::default(),
             started_ms: 0,
         }
@@ -252,6 +261,11 @@ impl StockService {
     /// Drops SKUs that nobody references and that were never written (reads and subscriptions
     /// of arbitrary names must not grow memory forever).
     fn forget_unused(&mut self, skus: impl IntoIterator<Item = SkuId>) {
+        // A batch may name one SKU several times: forgetting it twice would touch a dead slot
+        // (the store asserts on that), so each SKU is considered once.
+        let mut skus: Vec<SkuId> = skus.into_iter().collect();
+        skus.sort_unstable();
+        skus.dedup();
         for sku in skus {
             if self.store.get(sku).version == 0 && !self.subs_reference(sku) {
                 self.store.forget(sku);
@@ -304,11 +318,18 @@ impl Service for StockService {
         self.released = released;
     }
 
-    fn on_buffer_full(&mut self, _cx: &mut Ctx<'_>, _id: ConnId, pressure: Pressure) {
+    fn on_buffer_full(&mut self, cx: &mut Ctx<'_>, id: ConnId, pressure: Pressure) {
         match pressure {
             Pressure::High => self.metrics.slow_consumer_full_total += 1,
-            Pressure::Hard => self.metrics.slow_consumer_closed_total += 1,
+            Pressure::Hard => {
+                self.metrics.slow_consumer_closed_total += 1;
+                self.limit_hit(cx, id, metrics::LimitHit::SendQueueHard);
+            }
         }
+    }
+
+    fn on_limit(&mut self, cx: &mut Ctx<'_>, id: ConnId, limit: crate::app::Limit) {
+        self.limit_hit(cx, id, limit.into());
     }
 
     fn on_buffer_drain(&mut self, cx: &mut Ctx<'_>, id: ConnId) {
@@ -342,7 +363,7 @@ impl Service for StockService {
         !self.log.in_flight() && self.outbox.is_empty()
     }
 
-    fn on_reload(&mut self, _cx: &mut Ctx<'_>) {
+    fn on_reload(&mut self, cx: &mut Ctx<'_>) {
         let Some(path) = self.config.tokens_file.clone() else {
             return;
         };
@@ -351,15 +372,17 @@ impl Service for StockService {
                 let mut tokens = self.config.fixed_tokens.clone();
                 let count = file_tokens.len();
                 tokens.extend(file_tokens);
-                self.config.access.tokens = tokens;
+                let before = std::mem::replace(&mut self.config.access.tokens, tokens);
                 info!("tokens reloaded: {count} from {}", path.display());
+                self.revoke_sessions(cx, &before);
             }
             Err(e) => log::error!("tokens not reloaded, keeping the old ones: {e}"),
         }
     }
 
     fn poll_timeout_ms(&self) -> Option<u64> {
-        None
+        // A snapshot being collected goes on next iteration even if nothing else happens.
+        self.log.snapshot_request().map(|_| 0)
     }
 }
 
@@ -368,6 +391,12 @@ fn id_ref(id: &Option<Value>) -> Option<&Value> {
     id.as_ref()
 }
 
+/// Announces the bound address on stdout (the real port when started with `:0`), for
+/// operators' scripts and the test harness.
 pub(crate) fn log_started(addr: std::net::SocketAddr) {
+    use std::io::Write;
     info!("stocksync listening on {addr}");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "stocksync: listening on {addr}");
+    let _ = out.flush();
 }

@@ -71,7 +71,10 @@ pub fn run(settings: Settings) -> Result<(), String> {
         keys.len()
     );
     let limits = settings.limits.clone();
-    let mut event_loop = EventLoop::bind(settings.listen, limits.clone(), |_waker| {
+    let mut log = log;
+    let mut event_loop = EventLoop::bind(settings.listen, limits.clone(), |waker| {
+        // The log's threads wake the loop when a batch is durable (or failed).
+        log.set_waker(waker);
         Protocol::new(StockService::new(service_config, store, keys, log), &limits)
     })
     .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;

@@ -1,9 +1,10 @@
 //! The WebSocket side of the contract: upgrade (auth, origin, `?skus=`), and each message type.
 
-use log::debug;
+use log::{debug, warn};
 
 use super::auth::{self, Grant, Role};
 use super::commit::ReplyTo;
+use super::metrics::LimitHit;
 use super::{id_ref, StockService};
 use crate::api::messages::{self, ClientRequest, WILDCARD};
 use crate::api::{reply, ApiError, ErrorCode};
@@ -58,6 +59,10 @@ impl StockService {
         let session = self.session(id);
         session.role = role;
         session.websocket = true;
+        session.token = match grant {
+            Grant::Token { name, .. } => Some(name),
+            _ => None,
+        };
         Ok(())
     }
 
@@ -154,11 +159,8 @@ impl StockService {
                     self.refuse(cx, id, &reply_to, &error);
                     return;
                 }
-                if !self.allow_write(cx, id) {
-                    let error = ApiError::new(
-                        ErrorCode::RateLimited,
-                        "too many writes on this connection; slow down",
-                    );
+                let token = self.session_ref(id).and_then(|s| s.token.clone());
+                if let Err(error) = self.allow_write(cx, id, token.as_deref()) {
                     self.refuse(cx, id, &reply_to, &error);
                     return;
                 }
@@ -167,24 +169,101 @@ impl StockService {
         }
     }
 
-    /// Per-connection write rate limit: a fixed one-second window.
-    pub(super) fn allow_write(&mut self, cx: &Ctx<'_>, id: ConnId) -> bool {
-        let limit = self.config.writes_per_conn_per_sec;
-        if limit == 0 {
-            return true;
-        }
+    /// Write rate limits, each a fixed one-second window: per connection, then per token
+    /// (summed over every connection and request presenting it). A refused write counts
+    /// against neither.
+    pub(super) fn allow_write(
+        &mut self,
+        cx: &Ctx<'_>,
+        id: ConnId,
+        token: Option<&str>,
+    ) -> Result<(), ApiError> {
         let now = cx.now_ms();
-        let session = self.session(id);
-        if now >= session.window_start_ms + 1000 {
-            session.window_start_ms = now;
-            session.window_writes = 0;
+        let per_conn = self.config.writes_per_conn_per_sec;
+        if per_conn > 0 {
+            let session = self.session(id);
+            if now >= session.window_start_ms + 1000 {
+                session.window_start_ms = now;
+                session.window_writes = 0;
+            }
+            if session.window_writes >= per_conn {
+                self.metrics.rate_limited_total += 1;
+                self.limit_hit(cx, id, LimitHit::WriteRateConnection);
+                return Err(ApiError::new(
+                    ErrorCode::RateLimited,
+                    format!("over {per_conn} writes per second on this connection; slow down"),
+                ));
+            }
         }
-        if session.window_writes >= limit {
-            self.metrics.rate_limited_total += 1;
-            return false;
+        let per_token = self.config.writes_per_token_per_sec;
+        if let (Some(name), true) = (token, per_token > 0) {
+            if !self.token_rates.allow(name, now, per_token) {
+                self.metrics.rate_limited_total += 1;
+                self.limit_hit(cx, id, LimitHit::WriteRateToken);
+                return Err(ApiError::new(
+                    ErrorCode::RateLimited,
+                    format!("over {per_token} writes per second for this token; slow down"),
+                ));
+            }
         }
-        session.window_writes += 1;
-        true
+        if per_conn > 0 {
+            self.session(id).window_writes += 1;
+        }
+        Ok(())
+    }
+
+    /// After a tokens reload, closes (1008) every WebSocket opened with a token that is gone
+    /// or whose secret or role changed: revoking a leaked token takes effect at once, not when
+    /// its holder next reconnects. HTTP checks the token on every request and needs nothing.
+    pub(super) fn revoke_sessions(&mut self, cx: &mut Ctx<'_>, before: &[auth::Token]) {
+        let now = &self.config.access.tokens;
+        let unchanged = |name: &str| {
+            let old = before.iter().find(|t| t.name == name);
+            let new = now.iter().find(|t| t.name == name);
+            matches!((old, new), (Some(o), Some(n))
+                if o.role == n.role
+                    && auth::constant_time_eq(o.secret.as_bytes(), n.secret.as_bytes()))
+        };
+        let revoked: Vec<(ConnId, String)> = self
+            .sessions
+            .iter()
+            .enumerate()
+            .filter_map(|(index, session)| {
+                let name = session.token.as_deref()?;
+                let id = ConnId {
+                    index: index as u32,
+                    generation: session.generation,
+                };
+                (session.websocket && !unchanged(name)).then(|| (id, name.to_string()))
+            })
+            .collect();
+        for (id, name) in revoked {
+            if !cx.is_open(id) {
+                continue; // a session left over from a closed connection
+            }
+            warn!("{id}: token `{name}` revoked by reload; closing");
+            let close =
+                crate::ws::frame::encode_close(crate::ws::close::POLICY_VIOLATION, "token revoked");
+            cx.send_final(id, crate::net::Frame::from(close));
+            cx.close(id);
+            let session = self.session(id);
+            session.role = None;
+            session.token = None;
+        }
+    }
+
+    /// Counts a limit hit and warns about it, at most once per interval per limit (a flood of
+    /// bad clients must not become a flood of log lines).
+    pub(super) fn limit_hit(&mut self, cx: &Ctx<'_>, id: ConnId, limit: LimitHit) {
+        if let Some(hits) = self.metrics.limits.hit(limit, cx.now_ms()) {
+            let peer = cx
+                .peer(id)
+                .map_or_else(|| "?".to_string(), |p| p.ip().to_string());
+            warn!(
+                "{id} from {peer}: limit {} hit ({hits} time(s) since the last warning)",
+                limit.name()
+            );
+        }
     }
 
     fn subscribe(
@@ -194,14 +273,38 @@ impl StockService {
         request_id: Option<serde_json::Value>,
         skus: Vec<String>,
     ) {
+        let mut wildcard = false;
+        let mut named = Vec::with_capacity(skus.len());
+        // SKUs this message newly subscribed: a name already held (or repeated in the
+        // message) takes no new slot, so only these count against the limit.
+        let mut added = Vec::new();
+        for name in skus {
+            if name == WILDCARD {
+                wildcard = true;
+                continue;
+            }
+            // Names were validated by the parser; intern cannot refuse them.
+            if let Ok(sku) = self.store.intern(&name) {
+                if self.subs.subscribe(id, sku) {
+                    added.push(sku);
+                }
+                named.push(name);
+            }
+        }
         let max = self.config.subscriptions_per_conn_max;
-        let new_names = skus.iter().filter(|s| *s != WILDCARD).count();
-        if self.subs.count(id) + new_names > max {
+        if self.subs.count(id) > max {
+            // Refused as a whole: undo this message's subscriptions.
+            let released: Vec<_> = added
+                .into_iter()
+                .filter_map(|sku| self.subs.unsubscribe(id, sku))
+                .collect();
+            self.forget_unused(released);
             let error = ApiError::new(
                 ErrorCode::TooLarge,
                 format!("at most {max} subscriptions per connection"),
             );
             self.metrics.count_error(ErrorCode::TooLarge);
+            self.limit_hit(cx, id, LimitHit::Subscriptions);
             self.reply(
                 cx,
                 id,
@@ -210,19 +313,6 @@ impl StockService {
                 false,
             );
             return;
-        }
-        let mut wildcard = false;
-        let mut named = Vec::with_capacity(skus.len());
-        for name in skus {
-            if name == WILDCARD {
-                wildcard = true;
-                continue;
-            }
-            // Names were validated by the parser; intern cannot refuse them.
-            if let Ok(sku) = self.store.intern(&name) {
-                self.subs.subscribe(id, sku);
-                named.push(name);
-            }
         }
         if wildcard {
             self.subs.subscribe_all(id);

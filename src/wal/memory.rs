@@ -1,5 +1,5 @@
-//! A log that keeps nothing: every record is "durable" as soon as it is submitted. For tests,
-//! benchmarks and throwaway data (`--data-dir` not given with `--fsync never`... see README).
+//! A log that keeps nothing: every record is "durable" as soon as it is submitted. Used with
+//! `--data-dir none` (tests, benchmarks and throwaway data): a restart starts empty.
 
 use super::{Completion, Log, LogStats, Record, Unavailable};
 

@@ -1427,7 +1427,15 @@ mod tests {
                 assert!(decoder.buffered_bytes() <= max, "buffered past the limit");
                 assert!(assembly_capacity(decoder) <= max, "capacity past the limit");
                 match outcome {
-                    Ok(None) => break,
+                    Ok(None) => {
+                        // "Need more" with a full frame's worth buffered would make the
+                        // caller read past the limit it sized its buffer by.
+                        assert!(
+                            buf.len() < decoder.frame_bytes_max(),
+                            "waits past the limit"
+                        );
+                        break;
+                    }
                     Ok(Some((used, message))) => {
                         buf.drain(..used);
                         messages.extend(message);

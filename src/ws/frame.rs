@@ -319,12 +319,16 @@ impl FrameWriter {
     }
 }
 
+// `#[inline]`: serde_json calls these once per token from the caller's crate; without it each
+// token costs an out-of-line call (benches/frame.rs `encode_json`).
 impl io::Write for FrameWriter {
+    #[inline]
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.buf.extend_from_slice(data);
         Ok(data.len())
     }
 
+    #[inline]
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         self.buf.extend_from_slice(data);
         Ok(())

@@ -20,13 +20,52 @@ pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
 /// The write token every test server is started with.
 pub const TOKEN: &str = "test-write-token";
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and never handed out before in this process.
+///
+/// The server binds with SO_REUSEPORT, so two test servers given the same port both start and
+/// the kernel splits connections between them (tests then see each other's SKUs). Parallel
+/// tests calling `bind(0)` and dropping the listener at once do get the same port back, hence
+/// the record of ports already given out.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+/// Reads the server's `stocksync: listening on ADDR` line from its stdout, then keeps
+/// draining stdout on a thread so the server never blocks on a full pipe.
+pub fn read_listen_addr(child: &mut Child) -> SocketAddr {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
+            let Ok(line) = line else { return };
+            if let Some(addr) = line.strip_prefix("stocksync: listening on ") {
+                let _ = tx.send(addr.trim().parse::<SocketAddr>().expect("address"));
+                break;
+            }
+        }
+        for _ in lines {}
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(addr) => addr,
+        Err(_) => {
+            let status = child.try_wait().ok().flatten();
+            panic!("stocksync did not report its address (exit status: {status:?})");
+        }
+    }
 }
 
 /// Waits until something accepts connections on `addr`.
@@ -67,12 +106,12 @@ impl Server {
     }
 
     fn start_with(args: &[&str], memory_only: bool) -> Server {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_stocksync"));
+        // Port 0: the kernel picks a free port and the server prints it, so concurrent tests
+        // can never race for one (SO_REUSEPORT would otherwise let two servers share it).
         command
             .arg("--listen")
-            .arg(addr.to_string())
+            .arg("127.0.0.1:0")
             .arg("--write-token")
             .arg(TOKEN);
         if memory_only && !args.contains(&"--data-dir") {
@@ -80,18 +119,26 @@ impl Server {
         }
         command
             .args(args)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null());
         if std::env::var("STOCKSYNC_TEST_LOG").is_ok() {
             command.stderr(Stdio::inherit()).env("RUST_LOG", "debug");
         }
-        let child = command.spawn().expect("start stocksync");
+        let mut child = command.spawn().expect("start stocksync");
+        let addr = read_listen_addr(&mut child);
         wait_listening(addr);
         Server {
             child,
             addr,
             data_dir: None,
         }
+    }
+
+    /// Starts the binary on an existing data dir (a restart after a crash reuses it).
+    pub fn start_on_dir(dir: &std::path::Path, extra: &[&str]) -> Server {
+        let mut args = vec!["--data-dir", dir.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        Self::start_with(&args, false)
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,281 @@
+//! Client connections on one mio event loop: bind-before-connect from a chosen 127.0.0.x source
+//! address, the upgrade handshake, then frames.
+//!
+//! mio is edge-triggered: after a readiness event we must read until the kernel has nothing more,
+//! or we are never woken again for those bytes. A read that does not fill the buffer means the
+//! socket was drained at that instant (new data raises a new edge), so `pump` reads again only
+//! when a read filled the whole buffer. All connections share one big read buffer; a connection
+//! keeps bytes of its own (`pending_in`) only while a partial frame or response head exists.
+
+use crate::wire::{self, NextFrame, ResponseHead};
+use mio::net::TcpStream;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Instant;
+
+/// Bytes asked for in one read; large enough for hundreds of small frames.
+pub const READ_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Where to connect and what to ask for.
+#[derive(Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    /// Source addresses 127.0.0.{first}..=127.0.0.{first + count - 1}: each gives ~28k ephemeral
+    /// ports (net.ipv4.ip_local_port_range), and many servers also limit connections per IP.
+    pub source_first: u8,
+    pub source_count: u8,
+}
+
+impl Target {
+    /// The source address for the `index`-th connection (round-robin).
+    pub fn source(&self, index: usize) -> Ipv4Addr {
+        let offset = (index % usize::from(self.source_count.max(1))) as u8;
+        Ipv4Addr::new(127, 0, 0, self.source_first.saturating_add(offset))
+    }
+
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+/// Starts a non-blocking connect from `source` (port chosen by the kernel at bind).
+pub fn connect(source: Ipv4Addr, target: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_nodelay(true)?;
+    bind_address_no_port(&socket);
+    socket.bind(&SocketAddr::new(source.into(), 0).into())?;
+    match socket.connect(&target.into()) {
+        Ok(()) => {}
+        Err(error) if error.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(error) => return Err(error),
+    }
+    Ok(TcpStream::from_std(socket.into()))
+}
+
+/// IP_BIND_ADDRESS_NO_PORT (Linux 4.2+): bind only the address now and let connect() pick the
+/// port for the full 4-tuple. Without it, bind(port 0) must find a port free for *every*
+/// destination: it gets slow once tens of thousands of ports sit in TIME_WAIT (the handshake
+/// scenario makes ~10^5 of them) and caps each source address at ~28k connections in total.
+fn bind_address_no_port(socket: &Socket) {
+    let enable: libc::c_int = 1;
+    // SAFETY: a plain setsockopt on a socket we own, with a pointer to a live c_int and its size.
+    // Failure (an old kernel) only means falling back to the default port choice.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&enable as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// TCP connect in flight; the upgrade request waits in `out`.
+    Connecting,
+    /// Request sent, waiting for `101`.
+    Handshaking,
+    Open,
+    Closed,
+}
+
+/// Why a connection ended, for the summary's counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    ConnectFailed,
+    /// Upgrade answered with this status (0: malformed).
+    Refused(u16),
+    /// The server sent a close frame.
+    CloseFrame,
+    /// EOF or a socket error.
+    Dropped,
+}
+
+pub struct Conn<S> {
+    pub stream: TcpStream,
+    pub phase: Phase,
+    /// Bytes of a partial response head or frame, kept until the rest arrives.
+    pub pending_in: Vec<u8>,
+    /// Bytes not yet accepted by the socket.
+    pub out: Vec<u8>,
+    pub state: S,
+}
+
+/// What one `pump` did to the connection.
+#[derive(Default)]
+pub struct Pumped {
+    /// The upgrade completed during this call.
+    pub opened: bool,
+    pub closed: Option<CloseReason>,
+}
+
+impl<S> Conn<S> {
+    /// A connection whose first write will be the upgrade request for `path`.
+    pub fn new(stream: TcpStream, host: &str, path: &str, state: S) -> Conn<S> {
+        Conn {
+            stream,
+            phase: Phase::Connecting,
+            pending_in: Vec::new(),
+            out: wire::upgrade_request(host, path),
+            state,
+        }
+    }
+
+    /// Writes `out` until it is empty or the socket would block.
+    pub fn flush(&mut self) -> io::Result<()> {
+        let mut written = 0;
+        while written < self.out.len() {
+            match self.stream.write(&self.out[written..]) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(error) if error.kind() == ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        self.out.drain(..written);
+        Ok(())
+    }
+
+    /// Handles one readiness event: finishes the connect, flushes, reads everything available
+    /// and hands each text frame to `on_text(state, out, payload, read_at)`. Pings are answered.
+    pub fn pump(
+        &mut self,
+        buf: &mut Vec<u8>,
+        mut on_text: impl FnMut(&mut S, &mut Vec<u8>, &[u8], Instant),
+    ) -> Pumped {
+        let mut pumped = Pumped::default();
+        if self.phase == Phase::Closed {
+            return pumped;
+        }
+        if self.phase == Phase::Connecting {
+            match self.stream.take_error() {
+                Ok(None) => {}
+                Ok(Some(_)) | Err(_) => return self.close(pumped, CloseReason::ConnectFailed),
+            }
+            match self.stream.peer_addr() {
+                Ok(_) => self.phase = Phase::Handshaking,
+                Err(error) if error.kind() == ErrorKind::NotConnected => return pumped,
+                Err(_) => return self.close(pumped, CloseReason::ConnectFailed),
+            }
+        }
+        if self.flush().is_err() {
+            return self.close(pumped, CloseReason::Dropped);
+        }
+        loop {
+            let kept = self.pending_in.len();
+            if buf.len() < kept + READ_BUFFER_BYTES {
+                buf.resize(kept + READ_BUFFER_BYTES, 0);
+            }
+            buf[..kept].copy_from_slice(&self.pending_in);
+            self.pending_in.clear();
+            let read = match self.stream.read(&mut buf[kept..]) {
+                Ok(0) => {
+                    self.pending_in.extend_from_slice(&buf[..kept]);
+                    return self.close(pumped, CloseReason::Dropped);
+                }
+                Ok(n) => n,
+                Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                    self.pending_in.extend_from_slice(&buf[..kept]);
+                    break;
+                }
+                Err(error) if error.kind() == ErrorKind::Interrupted => {
+                    self.pending_in.extend_from_slice(&buf[..kept]);
+                    continue;
+                }
+                Err(_) => return self.close(pumped, CloseReason::Dropped),
+            };
+            let read_at = Instant::now();
+            let filled = kept + read;
+            let mut at = 0;
+            if self.phase == Phase::Handshaking {
+                match wire::parse_response_head(&buf[..filled]) {
+                    ResponseHead::Partial => {
+                        self.pending_in.extend_from_slice(&buf[..filled]);
+                        continue;
+                    }
+                    ResponseHead::Refused(status) => {
+                        return self.close(pumped, CloseReason::Refused(status));
+                    }
+                    ResponseHead::Upgraded(head_bytes) => {
+                        self.phase = Phase::Open;
+                        pumped.opened = true;
+                        at = head_bytes;
+                    }
+                }
+            }
+            while let NextFrame::Complete(frame, used) = wire::next_frame(&buf[at..filled]) {
+                match frame.opcode {
+                    wire::OPCODE_TEXT => {
+                        on_text(&mut self.state, &mut self.out, frame.payload, read_at)
+                    }
+                    wire::OPCODE_PING => {
+                        wire::encode_client_frame(&mut self.out, 0xA, frame.payload, [7, 7, 7, 7]);
+                    }
+                    wire::OPCODE_CLOSE => return self.close(pumped, CloseReason::CloseFrame),
+                    // Binary, pong and continuation frames carry nothing the benchmark reads.
+                    _ => {}
+                }
+                at += used;
+            }
+            self.pending_in.extend_from_slice(&buf[at..filled]);
+            if read < buf.len() - kept {
+                break;
+            }
+        }
+        if !self.out.is_empty() && self.flush().is_err() {
+            return self.close(pumped, CloseReason::Dropped);
+        }
+        pumped
+    }
+
+    fn close(&mut self, mut pumped: Pumped, reason: CloseReason) -> Pumped {
+        self.phase = Phase::Closed;
+        self.pending_in = Vec::new();
+        self.out = Vec::new();
+        pumped.closed = Some(reason);
+        pumped
+    }
+}
+
+/// Counts of connection outcomes, for every scenario's summary.
+#[derive(Default, Debug)]
+pub struct CloseCounts {
+    pub connect_failed: u64,
+    pub refused: u64,
+    pub close_frame: u64,
+    pub dropped: u64,
+    pub last_refused_status: u16,
+}
+
+impl CloseCounts {
+    pub fn add(&mut self, reason: CloseReason) {
+        match reason {
+            CloseReason::ConnectFailed => self.connect_failed += 1,
+            CloseReason::Refused(status) => {
+                self.refused += 1;
+                self.last_refused_status = status;
+            }
+            CloseReason::CloseFrame => self.close_frame += 1,
+            CloseReason::Dropped => self.dropped += 1,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.connect_failed + self.refused + self.close_frame + self.dropped
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "connect_failed": self.connect_failed,
+            "refused": self.refused,
+            "last_refused_status": self.last_refused_status,
+            "closed_by_server": self.close_frame,
+            "dropped": self.dropped,
+        })
+    }
+}
