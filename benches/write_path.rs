@@ -26,7 +26,9 @@ fn messages(count: usize) -> Vec<String> {
 /// One op through parse -> intern -> apply -> ack frame + broadcast frame.
 fn one(store: &mut Store, limits: &MessageLimits, text: &str) -> usize {
     let parsed = parse_message(text, limits);
-    let Ok(ClientRequest::Write(write)) = parsed.request else { panic!("bench input is a write") };
+    let Ok(ClientRequest::Write(write)) = parsed.request else {
+        panic!("bench input is a write")
+    };
     let spec = &write.ops[0];
     let sku = store.intern(&spec.sku).expect("valid sku");
     let op = spec.bind(sku);
@@ -65,7 +67,11 @@ fn write_path(c: &mut Criterion) {
         })
     });
     group.bench_function("broadcast_frame_only", |b| {
-        let s = Stock { on_hand: 1234, reserved: 56, version: 789 };
+        let s = Stock {
+            on_hand: 1234,
+            reserved: 56,
+            version: 789,
+        };
         b.iter(|| black_box(reply::stock_update("sku-1234", s).len()))
     });
     group.finish();

@@ -191,7 +191,8 @@ impl<S: Service> Handler for Protocol<S> {
     fn on_message(&mut self, cx: &mut Ctx<'_>, id: ConnId, data: &mut [u8]) -> usize {
         let now = cx.now_ms();
         let mut consumed = 0;
-        while consumed < data.len() && cx.is_open(id) {
+        // A connection over its hard send limit is about to be closed: answer nothing more.
+        while consumed < data.len() && cx.is_open(id) && !cx.is_over_limit(id) {
             let Some(Some(state)) = self.conns.get_mut(id.index as usize) else {
                 break;
             };

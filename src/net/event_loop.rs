@@ -170,6 +170,12 @@ impl Ctx<'_> {
         self.conn(id).map_or(0, |c| c.send_queue.bytes())
     }
 
+    /// The connection's backlog passed the hard limit: it is about to be closed, so nothing
+    /// more should be done for it (no further requests answered).
+    pub fn is_over_limit(&self, id: ConnId) -> bool {
+        self.conn(id).is_some_and(|c| c.over_hard_limit)
+    }
+
     pub fn is_full(&self, id: ConnId) -> bool {
         self.conn(id).is_some_and(|c| c.above_high_mark)
     }
@@ -222,7 +228,7 @@ impl Ctx<'_> {
         conn.send_queue.push(frame);
         // A connection waiting for writability is flushed by its WRITABLE event; trying it
         // every iteration would only repeat a write the kernel refuses with EAGAIN.
-        if !conn.flush_pending {
+        if !conn.flush_pending && !conn.write_registered {
             conn.flush_pending = true;
             core.flush_list.push(id.index);
         }
