@@ -17,7 +17,6 @@ pub type Frame = Rc<[u8]>;
 /// whole iteration's worth of updates for one subscriber in practice).
 pub const IOVECS_PER_WRITE_MAX: usize = 64;
 
-
 #[derive(Default)]
 pub struct SendQueue {
     frames: VecDeque<Frame>,
