@@ -48,6 +48,13 @@ fn post(server: &Server, path: &str, token: Option<&str>, body: &str) -> (u16, V
     (status, json_of(response))
 }
 
+/// A write with the write token that must answer 200; returns the body.
+fn post_ok(server: &Server, path: &str, body: &str) -> Value {
+    let (status, reply) = post(server, path, Some(TOKEN), body);
+    assert_eq!(status, 200, "{reply}");
+    reply
+}
+
 fn get(server: &Server, path: &str) -> (u16, Value) {
     let (status, response) = call(agent().get(&server.http(path)), None);
     (status, json_of(response))
@@ -139,24 +146,16 @@ fn post_request(path: &str, body: &str, extra: &str) -> String {
 #[test]
 fn every_route_answers_as_the_contract_says() {
     let server = Server::start(&[]);
-    let (status, body) = post(
-        &server,
-        "/stock/sku-1",
-        Some(TOKEN),
-        r#"{"action":"set","quantity":7}"#,
-    );
-    assert_eq!(status, 200, "{body}");
+    let body = post_ok(&server, "/stock/sku-1", r#"{"action":"set","quantity":7}"#);
     assert_eq!(
         body["stock"],
         json!({"id":"sku-1","quantity":7,"on_hand":7,"reserved":0,"version":1})
     );
-    let (status, body) = post(
+    let body = post_ok(
         &server,
         "/stock/batch",
-        Some(TOKEN),
         r#"{"ops":[{"id":"sku-1","action":"reserve","change":2},{"id":"sku-2","action":"set","quantity":3}]}"#,
     );
-    assert_eq!(status, 200, "{body}");
     assert_eq!(body["stock"][0]["quantity"], 5);
     assert_eq!(body["stock"][0]["reserved"], 2);
     assert_eq!(body["stock"][1]["on_hand"], 3);
@@ -487,17 +486,13 @@ fn wrong_content_length_and_slow_bodies() {
 #[test]
 fn a_write_over_http_reaches_websocket_subscribers() {
     let server = Server::start(&[]);
-    let mut sub = server.ws("/ws");
-    let reply = request(&mut sub, json!({"type":"subscribe","skus":["bridge"]}));
-    assert_eq!(reply["type"], "subscribed");
+    let mut sub = subscribed_client(&server, &["bridge"]);
     let mut everything = server.ws("/");
-    let (status, _) = post(
+    post_ok(
         &server,
         "/stock/bridge",
-        Some(TOKEN),
         r#"{"action":"set","quantity":11}"#,
     );
-    assert_eq!(status, 200);
     for ws in [&mut sub, &mut everything] {
         let update = recv(ws);
         assert_eq!(update["type"], "stock_update");
@@ -507,13 +502,11 @@ fn a_write_over_http_reaches_websocket_subscribers() {
         );
     }
     // A batch over HTTP: one update per changed SKU.
-    let (status, _) = post(
+    post_ok(
         &server,
         "/stock/batch",
-        Some(TOKEN),
         r#"{"ops":[{"id":"bridge","action":"reserve","change":1},{"id":"bridge","action":"reserve","change":2}]}"#,
     );
-    assert_eq!(status, 200);
     let update = recv(&mut sub);
     assert_eq!(update["stock"]["reserved"], 3);
     assert_eq!(update["stock"]["version"], 2);

@@ -4,34 +4,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
 
-/// Reads one server frame (unmasked): `(opcode, payload)`, or `None` at EOF / timeout.
+/// Reads one server frame: `(opcode, payload)`, or `None` at EOF / timeout.
 fn read_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
-    let mut head = [0u8; 2];
-    stream.read_exact(&mut head).ok()?;
-    assert_eq!(head[1] & 0x80, 0, "server frames are not masked");
-    let len = match head[1] & 0x7f {
-        126 => {
-            let mut b = [0u8; 2];
-            stream.read_exact(&mut b).ok()?;
-            u16::from_be_bytes(b) as usize
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            stream.read_exact(&mut b).ok()?;
-            u64::from_be_bytes(b) as usize
-        }
-        n => n as usize,
-    };
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).ok()?;
-    Some((head[0] & 0x0f, payload))
+    try_read_frame(stream).map(|(first, payload)| (first & 0x0f, payload))
 }
 
 /// Reads frames until a close frame; returns its code and the opcodes seen before it.
@@ -87,15 +69,11 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 fn limit_hits(server: &Server, limit: &str) -> u64 {
-    let text = ureq::get(&server.http("/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
-    let key = format!("stocksync_limit_hits_total{{limit=\"{limit}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .map_or(0, |v| v.parse().unwrap())
+    scrape_metric(
+        server,
+        &format!("stocksync_limit_hits_total{{limit=\"{limit}\"}}"),
+    )
+    .map_or(0, |v| v.parse().unwrap())
 }
 
 #[test]

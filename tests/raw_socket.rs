@@ -9,21 +9,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use common::opcode::*;
 use common::*;
 use stocksync::config::Limits;
 
-const CONTINUATION: u8 = 0x0;
-const TEXT: u8 = 0x1;
-const BINARY: u8 = 0x2;
-const CLOSE: u8 = 0x8;
-const PING: u8 = 0x9;
-const PONG: u8 = 0xa;
-
-const UPGRADE: &[u8] = b"GET /raw HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n\
-    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-    Sec-WebSocket-Version: 13\r\n\r\n";
-/// RFC 6455 §1.3's accept value for the key above.
-const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+/// The upgrade every session here starts with.
+fn upgrade() -> Vec<u8> {
+    upgrade_request("/raw").into_bytes()
+}
 
 fn echo() -> SocketAddr {
     static ADDR: OnceLock<SocketAddr> = OnceLock::new();
@@ -37,43 +30,6 @@ fn connect() -> TcpStream {
     stream
 }
 
-/// Reads the HTTP response head a byte at a time (nothing after it is consumed).
-fn read_head(stream: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            stream.read(&mut byte).unwrap(),
-            1,
-            "closed before a response"
-        );
-        head.push(byte[0]);
-    }
-    String::from_utf8(head).unwrap()
-}
-
-fn read_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut head = [0u8; 2];
-    stream.read_exact(&mut head).unwrap();
-    assert_eq!(head[1] & 0x80, 0, "server frames are never masked");
-    let len = match head[1] & 0x7f {
-        126 => {
-            let mut ext = [0u8; 2];
-            stream.read_exact(&mut ext).unwrap();
-            u16::from_be_bytes(ext) as usize
-        }
-        127 => {
-            let mut ext = [0u8; 8];
-            stream.read_exact(&mut ext).unwrap();
-            u64::from_be_bytes(ext) as usize
-        }
-        n => n as usize,
-    };
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).unwrap();
-    (head[0], payload)
-}
-
 fn write_bytewise(stream: &mut TcpStream, bytes: &[u8]) {
     for byte in bytes {
         stream.write_all(std::slice::from_ref(byte)).unwrap();
@@ -83,10 +39,10 @@ fn write_bytewise(stream: &mut TcpStream, bytes: &[u8]) {
 #[test]
 fn whole_session_one_byte_at_a_time() {
     let mut stream = connect();
-    write_bytewise(&mut stream, UPGRADE);
+    write_bytewise(&mut stream, &upgrade());
     let head = read_head(&mut stream);
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-    assert!(head.contains(ACCEPT));
+    assert!(head.contains(WS_ACCEPT));
 
     let text = "byte by byte: ünïcödé €😀";
     write_bytewise(&mut stream, &client_frame(true, TEXT, text.as_bytes()));
@@ -134,7 +90,7 @@ fn batch_frame(i: usize) -> (u8, Vec<u8>) {
 #[test]
 fn thousand_frames_in_one_write_are_echoed_in_order() {
     let mut stream = connect();
-    stream.write_all(UPGRADE).unwrap();
+    stream.write_all(&upgrade()).unwrap();
     assert!(read_head(&mut stream).starts_with("HTTP/1.1 101 "));
 
     let mut batch = Vec::new();
@@ -163,7 +119,7 @@ fn thousand_frames_in_one_write_are_echoed_in_order() {
 fn upgrade_and_frames_in_one_write() {
     // A client may send its first frames right behind the handshake, before the 101 arrives.
     let mut stream = connect();
-    let mut bytes = UPGRADE.to_vec();
+    let mut bytes = upgrade();
     bytes.extend(client_frame(true, TEXT, b"first"));
     bytes.extend(client_frame(true, BINARY, &[0u8; 200]));
     bytes.extend(client_frame(true, TEXT, b"third"));
@@ -177,7 +133,7 @@ fn upgrade_and_frames_in_one_write() {
 #[test]
 fn frame_header_split_across_reads_at_every_byte() {
     let mut stream = connect();
-    stream.write_all(UPGRADE).unwrap();
+    stream.write_all(&upgrade()).unwrap();
     assert!(read_head(&mut stream).starts_with("HTTP/1.1 101 "));
     // 7-bit (6-byte header), 16-bit (8-byte) and 64-bit (14-byte) lengths.
     for len in [5usize, 300, 70_000] {

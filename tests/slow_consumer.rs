@@ -10,7 +10,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -73,37 +73,12 @@ fn rss_kb(pid: u32) -> u64 {
 }
 
 fn metric(server: &Server, key: &str) -> f64 {
-    let text = ureq::get(&server.http("/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
-    let prefix = format!("{key} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0.0, |v| v.parse().unwrap())
+    scrape_metric(server, key).map_or(0.0, |v| v.parse().unwrap())
 }
 
-/// Reads one unmasked server frame: `(opcode, payload)`; `None` at EOF or timeout.
+/// Reads one server frame: `(opcode, payload)`, or `None` at EOF / timeout.
 fn read_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
-    let mut head = [0u8; 2];
-    stream.read_exact(&mut head).ok()?;
-    let len = match head[1] & 0x7f {
-        126 => {
-            let mut b = [0u8; 2];
-            stream.read_exact(&mut b).ok()?;
-            u16::from_be_bytes(b) as usize
-        }
-        127 => {
-            let mut b = [0u8; 8];
-            stream.read_exact(&mut b).ok()?;
-            u64::from_be_bytes(b) as usize
-        }
-        n => n as usize,
-    };
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).ok()?;
-    Some((head[0] & 0x0f, payload))
+    try_read_frame(stream).map(|(first, payload)| (first & 0x0f, payload))
 }
 
 /// A raw WebSocket client with a small receive buffer, so the kernel cannot hide much of what

@@ -8,9 +8,7 @@ use serde_json::json;
 #[test]
 fn a_write_reaches_a_subscriber() {
     let server = Server::start(&[]);
-    let mut sub = server.ws("/ws");
-    let reply = request(&mut sub, json!({"type":"subscribe","skus":["sku-1"]}));
-    assert_eq!(reply["type"], "subscribed");
+    let mut sub = subscribed_client(&server, &["sku-1"]);
     let mut writer = server.writer();
     let ack = request(
         &mut writer,

@@ -27,11 +27,7 @@ fn concurrent_reserves_on_a_durable_server() {
 }
 
 fn run_against(server: &Server) {
-    let mut sub = server.ws("/ws");
-    assert_eq!(
-        request(&mut sub, json!({"type":"subscribe","skus":["hot"]}))["type"],
-        "subscribed"
-    );
+    let mut sub = subscribed_client(server, &["hot"]);
     let mut setter = server.writer();
     let ack = request(
         &mut setter,

@@ -12,17 +12,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+// `op` keeps the many ops written inside `json!` tables short.
+use common::stock_op as op;
 use common::*;
 use serde_json::{json, Value};
-
-fn op(sku: &str, action: &str, amount: u64) -> Value {
-    let field = if action == "set" {
-        "quantity"
-    } else {
-        "change"
-    };
-    json!({"id": sku, "action": action, field: amount})
-}
 
 fn update(stock: Value) -> Value {
     json!({"type":"stock_update","id":"e","stock":stock})
@@ -268,41 +261,22 @@ fn stock_rules_insufficient_stock_insufficient_reserved_below_reserved() {
     let mut ws = server.writer();
     ack(&mut ws, update(op("s", "set", 10)));
     ack(&mut ws, update(op("s", "reserve", 4)));
-    // available 6, reserved 4
-    expect_error_json(
-        &mut ws,
-        update(op("s", "decrease", 7)),
-        "insufficient_stock",
-    );
-    expect_error_json(&mut ws, update(op("s", "reserve", 7)), "insufficient_stock");
-    expect_error_json(
-        &mut ws,
-        update(op("s", "release", 5)),
-        "insufficient_reserved",
-    );
-    expect_error_json(
-        &mut ws,
-        update(op("s", "commit", 5)),
-        "insufficient_reserved",
-    );
-    expect_error_json(&mut ws, update(op("s", "set", 3)), "below_reserved");
-    // Never written: nothing available, nothing reserved.
-    expect_error_json(
-        &mut ws,
-        update(op("n", "decrease", 1)),
-        "insufficient_stock",
-    );
-    expect_error_json(&mut ws, update(op("n", "reserve", 1)), "insufficient_stock");
-    expect_error_json(
-        &mut ws,
-        update(op("n", "release", 1)),
-        "insufficient_reserved",
-    );
-    expect_error_json(
-        &mut ws,
-        update(op("n", "commit", 1)),
-        "insufficient_reserved",
-    );
+    let rejected = [
+        // available 6, reserved 4
+        ("s", "decrease", 7, "insufficient_stock"),
+        ("s", "reserve", 7, "insufficient_stock"),
+        ("s", "release", 5, "insufficient_reserved"),
+        ("s", "commit", 5, "insufficient_reserved"),
+        ("s", "set", 3, "below_reserved"),
+        // Never written: nothing available, nothing reserved.
+        ("n", "decrease", 1, "insufficient_stock"),
+        ("n", "reserve", 1, "insufficient_stock"),
+        ("n", "release", 1, "insufficient_reserved"),
+        ("n", "commit", 1, "insufficient_reserved"),
+    ];
+    for (sku, action, amount, code) in rejected {
+        expect_error_json(&mut ws, update(op(sku, action, amount)), code);
+    }
     let state = get(&mut ws, "s");
     assert_eq!(
         (
@@ -506,22 +480,12 @@ fn each_error_code_has_its_http_status() {
     let server = Server::start(&["--write-rate", "1"]);
     let auth = format!("Bearer {TOKEN}");
     let call = |method: &str, path: &str, body: Option<&str>, token: bool| -> (u16, Value) {
-        let mut req = ureq::request(method, &server.http(path));
-        if token {
-            req = req.set("Authorization", &auth);
-        }
-        let result = match body {
-            Some(body) => req.send_string(body),
-            None => req.call(),
+        let headers: &[(&str, &str)] = if token {
+            &[("Authorization", &auth)]
+        } else {
+            &[]
         };
-        let response = match result {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{e}"),
-        };
-        let status = response.status();
-        let text = response.into_string().unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(json!(text)))
+        http_json(method, &server.http(path), headers, body)
     };
     // Each call is a fresh connection, so the per-connection write rate (1/s) only bites below.
     let cases: &[HttpCase] = &[

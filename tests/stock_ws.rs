@@ -7,9 +7,12 @@ mod common;
 
 use std::time::Duration;
 
+// `op` keeps the many ops written inside `json!` tables short.
+use common::stock_op as op;
 use common::*;
 use serde_json::{json, Value};
 use tungstenite::client::IntoClientRequest;
+use tungstenite::handshake::client::Request;
 
 // ---- helpers ---------------------------------------------------------------------------------
 
@@ -30,17 +33,13 @@ fn st(state: &Value) -> (u64, u64, u64, u64) {
     (on_hand, reserved, quantity, n("version"))
 }
 
-fn op(sku: &str, action: &str, amount: u64) -> Value {
-    let field = if action == "set" {
-        "quantity"
-    } else {
-        "change"
-    };
-    json!({"id": sku, "action": action, field: amount})
-}
-
 fn update(sku: &str, action: &str, amount: u64) -> Value {
     json!({"type": "stock_update", "stock": op(sku, action, amount)})
+}
+
+/// Sends a single op written out in full (extra or conditional fields); returns the reply.
+fn send_op(ws: &mut Ws, stock: Value) -> Value {
+    request(ws, json!({"type": "stock_update", "stock": stock}))
 }
 
 /// Sends a single op and asserts it was acknowledged; returns the ack's state.
@@ -49,6 +48,28 @@ fn apply(ws: &mut Ws, sku: &str, action: &str, amount: u64) -> Value {
     assert_eq!(ack["type"], "ack", "{action} {amount} on {sku}: {ack}");
     assert!(ack.get("duplicate").is_none(), "{ack}");
     ack["stock"].clone()
+}
+
+/// A fresh server and a writer that has `set` each SKU to its quantity (version 1 each).
+fn start_with_stock(sets: &[(&str, u64)]) -> (Server, Ws) {
+    let server = Server::start(&[]);
+    let mut ws = server.writer();
+    for &(sku, quantity) in sets {
+        apply(&mut ws, sku, "set", quantity);
+    }
+    (server, ws)
+}
+
+/// The SKU ids of a reply's `stock` list, sorted.
+fn sorted_ids(reply: &Value) -> Vec<&str> {
+    let mut ids: Vec<&str> = reply["stock"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids
 }
 
 fn get(ws: &mut Ws, sku: &str) -> Value {
@@ -97,27 +118,11 @@ fn unsubscribe(ws: &mut Ws, skus: &[&str]) {
 
 /// An HTTP request; returns status and JSON body.
 fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> (u16, Value) {
-    let mut req = ureq::request(method, url);
-    for (name, value) in headers {
-        req = req.set(name, value);
+    let mut all = headers.to_vec();
+    if body.is_some() {
+        all.push(("Content-Type", "application/json"));
     }
-    let result = match body {
-        Some(body) => req
-            .set("Content-Type", "application/json")
-            .send_string(body),
-        None => req.call(),
-    };
-    let response = match result {
-        Ok(response) => response,
-        Err(ureq::Error::Status(_, response)) => response,
-        Err(e) => panic!("{method} {url}: {e}"),
-    };
-    let status = response.status();
-    let text = response.into_string().unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    http_json(method, url, &all, body)
 }
 
 fn bearer() -> String {
@@ -135,13 +140,26 @@ fn tokens_file() -> tempfile::NamedTempFile {
     file
 }
 
-fn connect_err_status(server: &Server, path: &str, header: Option<&str>) -> u16 {
+/// A handshake request for `path`, with an `Authorization` header if given.
+fn ws_request(server: &Server, path: &str, authorization: Option<&str>) -> Request {
     let mut req = server.url(path).into_client_request().unwrap();
-    if let Some(value) = header {
+    if let Some(value) = authorization {
         req.headers_mut()
             .insert("Authorization", value.parse().unwrap());
     }
-    match tungstenite::connect(req) {
+    req
+}
+
+/// A client at `/ws` sending `authorization`, and the handshake's status.
+fn ws_with_auth(server: &Server, authorization: &str) -> (Ws, u16) {
+    let req = ws_request(server, "/ws", Some(authorization));
+    let (ws, response) = tungstenite::connect(req).unwrap();
+    set_timeout(&ws, Duration::from_secs(10));
+    (ws, response.status().as_u16())
+}
+
+fn connect_err_status(server: &Server, path: &str, header: Option<&str>) -> u16 {
+    match tungstenite::connect(ws_request(server, path, header)) {
         Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
         Err(e) => panic!("expected an HTTP refusal, got {e}"),
         Ok(_) => panic!("handshake at {path} should have been refused"),
@@ -152,8 +170,7 @@ fn connect_err_status(server: &Server, path: &str, header: Option<&str>) -> u16 
 
 #[test]
 fn every_message_type_gets_its_reply_and_echoes_string_and_number_ids() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
+    let (_server, mut ws) = start_with_stock(&[]);
     for id in [json!("req-1"), json!(42), json!(-7), json!(1.5)] {
         let pong = request(&mut ws, json!({"type":"ping","id":id}));
         assert_eq!(pong, json!({"type":"pong","id":id}));
@@ -273,17 +290,15 @@ fn each_action_changes_the_state_as_the_contract_says_and_bumps_the_version() {
 
 #[test]
 fn fields_an_action_does_not_use_are_ignored() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
-    apply(&mut ws, "f", "set", 3);
-    let ack = request(
+    let (_server, mut ws) = start_with_stock(&[("f", 3)]);
+    let ack = send_op(
         &mut ws,
-        json!({"type":"stock_update","stock":{"id":"f","action":"increase","change":2,"quantity":99,"note":"x"}}),
+        json!({"id":"f","action":"increase","change":2,"quantity":99,"note":"x"}),
     );
     assert_eq!(st(&ack["stock"]), (5, 0, 5, 2), "{ack}");
-    let ack = request(
+    let ack = send_op(
         &mut ws,
-        json!({"type":"stock_update","stock":{"id":"f","action":"set","quantity":7,"change":1}}),
+        json!({"id":"f","action":"set","quantity":7,"change":1}),
     );
     assert_eq!(st(&ack["stock"]), (7, 0, 7, 3), "{ack}");
 }
@@ -292,10 +307,7 @@ fn fields_an_action_does_not_use_are_ignored() {
 
 #[test]
 fn a_failing_op_leaves_the_whole_batch_unapplied_and_names_its_index() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
-    apply(&mut ws, "ba", "set", 5);
-    apply(&mut ws, "bb", "set", 5);
+    let (server, mut ws) = start_with_stock(&[("ba", 5), ("bb", 5)]);
     let mut sub = server.ws("/ws");
     subscribe(&mut sub, &["*"]);
     let reply = request(
@@ -320,10 +332,7 @@ fn a_failing_op_leaves_the_whole_batch_unapplied_and_names_its_index() {
 
 #[test]
 fn a_batch_gives_one_version_and_one_update_per_changed_sku_and_acks_each_op() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
-    apply(&mut ws, "x", "set", 5);
-    apply(&mut ws, "y", "set", 5);
+    let (server, mut ws) = start_with_stock(&[("x", 5), ("y", 5)]);
     let mut sub = server.ws("/ws");
     subscribe(&mut sub, &["x", "y", "z"]);
     // Ops apply in order: the decrease of 6 only fits after the increase.
@@ -362,9 +371,7 @@ fn a_batch_gives_one_version_and_one_update_per_changed_sku_and_acks_each_op() {
 
 #[test]
 fn if_version_in_a_batch_compares_with_the_version_before_the_batch() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
-    apply(&mut ws, "iv", "set", 5);
+    let (_server, mut ws) = start_with_stock(&[("iv", 5)]);
     let reply = request(
         &mut ws,
         json!({"type":"stock_batch","ops":[
@@ -395,12 +402,11 @@ fn if_version_in_a_batch_compares_with_the_version_before_the_batch() {
 
 #[test]
 fn if_version_applies_on_a_match_and_returns_the_current_state_on_a_mismatch() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
+    let (server, mut ws) = start_with_stock(&[]);
     // Version 0: a SKU never written.
-    let ack = request(
+    let ack = send_op(
         &mut ws,
-        json!({"type":"stock_update","stock":{"id":"v","action":"set","quantity":8,"if_version":0}}),
+        json!({"id":"v","action":"set","quantity":8,"if_version":0}),
     );
     assert_eq!(st(&ack["stock"]), (8, 0, 8, 1), "{ack}");
     apply(&mut ws, "v", "reserve", 3);
@@ -420,9 +426,9 @@ fn if_version_applies_on_a_match_and_returns_the_current_state_on_a_mismatch() {
         "no index outside a batch: {reply}"
     );
     assert_eq!(barrier(&mut sub), Vec::<Value>::new());
-    let ack = request(
+    let ack = send_op(
         &mut ws,
-        json!({"type":"stock_update","stock":{"id":"v","action":"decrease","change":5,"if_version":2}}),
+        json!({"id":"v","action":"decrease","change":5,"if_version":2}),
     );
     assert_eq!(st(&ack["stock"]), (3, 3, 0, 3), "{ack}");
 }
@@ -431,9 +437,7 @@ fn if_version_applies_on_a_match_and_returns_the_current_state_on_a_mismatch() {
 
 #[test]
 fn a_repeated_key_returns_the_original_result_marked_duplicate_and_changes_nothing() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
-    apply(&mut ws, "k", "set", 10);
+    let (server, mut ws) = start_with_stock(&[("k", 10)]);
     let mut sub = server.ws("/ws");
     subscribe(&mut sub, &["k"]);
     let message =
@@ -464,9 +468,9 @@ fn a_repeated_key_returns_the_original_result_marked_duplicate_and_changes_nothi
         "and broadcast nothing"
     );
     // The key may also sit inside the op; it means the same.
-    let in_op = request(
+    let in_op = send_op(
         &mut ws,
-        json!({"type":"stock_update","stock":{"id":"k","action":"reserve","change":3,"idempotency_key":"order-1"}}),
+        json!({"id":"k","action":"reserve","change":3,"idempotency_key":"order-1"}),
     );
     assert_eq!(in_op["duplicate"], true, "{in_op}");
     assert_eq!(in_op["stock"], first["stock"]);
@@ -474,8 +478,7 @@ fn a_repeated_key_returns_the_original_result_marked_duplicate_and_changes_nothi
 
 #[test]
 fn a_repeated_batch_key_returns_the_original_states() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
+    let (_server, mut ws) = start_with_stock(&[]);
     let batch = json!({"type":"stock_batch","idempotency_key":"cart-7","ops":[
         op("p","set",4), op("q","set",6), op("p","reserve",1),
     ]});
@@ -490,9 +493,7 @@ fn a_repeated_batch_key_returns_the_original_states() {
 
 #[test]
 fn the_same_key_with_a_different_request_or_two_keys_is_a_bad_request() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
-    apply(&mut ws, "d", "set", 10);
+    let (_server, mut ws) = start_with_stock(&[("d", 10)]);
     let ack = request(
         &mut ws,
         json!({"type":"stock_update","idempotency_key":"k1","stock":op("d","reserve",1)}),
@@ -533,9 +534,7 @@ fn the_same_key_with_a_different_request_or_two_keys_is_a_bad_request() {
 
 #[test]
 fn a_rejected_write_does_not_record_its_key() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
-    apply(&mut ws, "r", "set", 2);
+    let (_server, mut ws) = start_with_stock(&[("r", 2)]);
     let message =
         json!({"type":"stock_update","idempotency_key":"retry-me","stock":op("r","reserve",5)});
     let reply = request(&mut ws, message.clone());
@@ -551,9 +550,7 @@ fn a_rejected_write_does_not_record_its_key() {
 
 #[test]
 fn websocket_and_http_share_one_key_space() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
-    apply(&mut ws, "h", "set", 10);
+    let (server, mut ws) = start_with_stock(&[("h", 10)]);
     let url = server.http("/stock/h");
     let auth = bearer();
     let headers = [
@@ -610,10 +607,7 @@ fn websocket_and_http_share_one_key_space() {
 
 #[test]
 fn subscribe_snapshots_named_skus_and_delivers_only_their_updates() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
-    apply(&mut ws, "a", "set", 3);
-    apply(&mut ws, "b", "set", 4);
+    let (server, mut ws) = start_with_stock(&[("a", 3), ("b", 4)]);
     let mut sub = server.ws("/ws");
     let reply = request(
         &mut sub,
@@ -642,22 +636,13 @@ fn subscribe_snapshots_named_skus_and_delivers_only_their_updates() {
 
 #[test]
 fn the_wildcard_snapshots_known_skus_and_covers_named_ones_until_unsubscribed() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
-    apply(&mut ws, "w1", "set", 1);
-    apply(&mut ws, "w2", "set", 2);
+    let (server, mut ws) = start_with_stock(&[("w1", 1), ("w2", 2)]);
     let mut sub = server.ws("/ws");
     // Read (but never write) a third SKU: not known, not in the snapshot.
     get(&mut sub, "w3");
     subscribe(&mut sub, &["w1"]);
     let reply = subscribe(&mut sub, &["*"]);
-    let mut ids: Vec<&str> = reply["stock"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap())
-        .collect();
-    ids.sort_unstable();
+    let ids = sorted_ids(&reply);
     assert_eq!(ids, ["w1", "w2"], "{reply}");
     // Both subscribed to w1 and to `*`: still one update per change.
     apply(&mut ws, "w1", "increase", 1);
@@ -681,9 +666,7 @@ fn the_wildcard_snapshots_known_skus_and_covers_named_ones_until_unsubscribed() 
 
 #[test]
 fn a_connection_at_slash_hears_every_update_without_subscribing_or_a_reply() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
-    apply(&mut ws, "old", "set", 1);
+    let (server, mut ws) = start_with_stock(&[("old", 1)]);
     let mut page = server.ws("/");
     // No `subscribed` reply: the first thing it hears is the pong.
     assert_eq!(barrier(&mut page), Vec::<Value>::new());
@@ -701,10 +684,7 @@ fn a_connection_at_slash_hears_every_update_without_subscribing_or_a_reply() {
 
 #[test]
 fn skus_in_the_url_subscribe_at_connect_and_send_subscribed() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
-    apply(&mut ws, "u1", "set", 5);
-    apply(&mut ws, "u3", "set", 7);
+    let (server, mut ws) = start_with_stock(&[("u1", 5), ("u3", 7)]);
     for (path, fresh) in [("/ws?skus=u1,u2", "u2"), ("/?skus=u1,v2", "v2")] {
         let mut sub = server.ws(path);
         let first = recv(&mut sub);
@@ -726,13 +706,7 @@ fn skus_in_the_url_subscribe_at_connect_and_send_subscribed() {
         let mut all = server.ws(path);
         let first = recv(&mut all);
         assert_eq!(first["type"], "subscribed", "{path}");
-        let mut ids: Vec<&str> = first["stock"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["id"].as_str().unwrap())
-            .collect();
-        ids.sort_unstable();
+        let ids = sorted_ids(&first);
         assert_eq!(ids, known, "{path}: {first}");
         apply(&mut ws, fresh, "set", 1);
         assert_eq!(updates(&barrier(&mut all)), [(fresh.into(), 1)], "{path}");
@@ -743,8 +717,7 @@ fn skus_in_the_url_subscribe_at_connect_and_send_subscribed() {
 
 #[test]
 fn the_writer_gets_its_ack_before_its_own_update() {
-    let server = Server::start(&[]);
-    let mut ws = server.writer();
+    let (_server, mut ws) = start_with_stock(&[]);
     subscribe(&mut ws, &["own"]);
     for (i, id) in [json!(1), json!("two"), json!(3)].into_iter().enumerate() {
         send(
@@ -770,12 +743,8 @@ fn writes_need_a_write_token_by_query_or_bearer_header() {
     apply(&mut by_query, "t", "set", 1);
     // Authorization: Bearer (the write token and a write token from the file)
     for secret in [TOKEN, "erp-write-secret"] {
-        let mut req = server.url("/ws").into_client_request().unwrap();
-        req.headers_mut()
-            .insert("Authorization", format!("Bearer {secret}").parse().unwrap());
-        let (mut by_header, response) = tungstenite::connect(req).unwrap();
-        assert_eq!(response.status().as_u16(), 101);
-        set_timeout(&by_header, Duration::from_secs(10));
+        let (mut by_header, status) = ws_with_auth(&server, &format!("Bearer {secret}"));
+        assert_eq!(status, 101);
         apply(&mut by_header, "t", "increase", 1);
     }
     // No token, or a read-only token: reads work, writes are unauthorized, the connection stays.
@@ -793,11 +762,7 @@ fn writes_need_a_write_token_by_query_or_bearer_header() {
         assert_eq!(st(&get(&mut reader, "t")), (3, 0, 3, 3), "{path}");
     }
     // The read-only token by header, too.
-    let mut req = server.url("/ws").into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Authorization", "Bearer read-only-secret".parse().unwrap());
-    let (mut reader, _) = tungstenite::connect(req).unwrap();
-    set_timeout(&reader, Duration::from_secs(10));
+    let (mut reader, _) = ws_with_auth(&server, "Bearer read-only-secret");
     let reply = request(&mut reader, update("t", "increase", 1));
     assert_eq!(reply["code"], "unauthorized", "{reply}");
 }

@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,14 +45,7 @@ struct Write {
 
 impl Write {
     fn message(&self, id: u64) -> Value {
-        let op = |op: &Op| {
-            let field = if op.action == "set" {
-                "quantity"
-            } else {
-                "change"
-            };
-            json!({"id":op.sku,"action":op.action, field: op.amount})
-        };
+        let op = |op: &Op| stock_op(&op.sku, op.action, op.amount);
         if self.batch {
             json!({"type":"stock_batch","id":id,"idempotency_key":self.key,
                    "ops":self.ops.iter().map(op).collect::<Vec<_>>()})
@@ -61,18 +53,6 @@ impl Write {
             json!({"type":"stock_update","id":id,"idempotency_key":self.key,
                    "stock":op(&self.ops[0])})
         }
-    }
-}
-
-/// A small deterministic generator, so a failing run can be replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
     }
 }
 
@@ -189,16 +169,7 @@ impl Ledger {
 }
 
 fn read_all(server: &Server) -> BTreeMap<String, Value> {
-    let mut reader = server.ws("/ws");
-    let names: Vec<String> = (0..SKUS).map(sku).collect();
-    let reply = request(&mut reader, json!({"type":"get","skus":names}));
-    assert_eq!(reply["type"], "stock", "{reply}");
-    reply["stock"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| (s["id"].as_str().unwrap().to_string(), s.clone()))
-        .collect()
+    read_states(server, &(0..SKUS).map(sku).collect::<Vec<_>>())
 }
 
 enum Outcome {
@@ -295,18 +266,13 @@ fn retry(ws: &mut Ws, ledger: &mut Ledger, write: &Write) -> bool {
 /// A small snapshot threshold, so snapshots are taken (and crashed into) under the load.
 const SNAPSHOT_FLAGS: [&str; 2] = ["--snapshot-log-bytes", "65536"];
 
-/// Starts the binary on `dir` with `extra` flags (on a port of the kernel's choosing).
-fn start_on(dir: &Path, extra: &[&str]) -> Server {
-    Server::start_on_dir(dir, extra)
-}
-
 #[test]
 fn sigkill_under_keyed_write_load_loses_no_ack_and_retries_apply_exactly_once() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng(0x00c0_ffee_1234_5678);
     let mut ledger = Ledger::default();
-    let mut server = start_on(dir.path(), &SNAPSHOT_FLAGS);
+    let mut server = Server::start_on_dir(dir.path(), &SNAPSHOT_FLAGS);
     let mut acked_total = 0;
     let mut unknown_total = 0;
     let mut durable_unacked_total = 0;
@@ -333,7 +299,7 @@ fn sigkill_under_keyed_write_load_loses_no_ack_and_retries_apply_exactly_once() 
             writer.join().unwrap();
         }
         drop(server);
-        server = start_on(dir.path(), &SNAPSHOT_FLAGS);
+        server = Server::start_on_dir(dir.path(), &SNAPSHOT_FLAGS);
         let results = std::mem::take(&mut *results.lock().unwrap());
         let mut unknown = Vec::new();
         for (write, outcome) in results {

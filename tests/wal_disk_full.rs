@@ -43,6 +43,15 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A 1 MiB tmpfs, or `None` (reported as a skip) where this process may not mount one.
+fn small_tmpfs() -> Option<Tmpfs> {
+    let tmpfs = Tmpfs::mount("1m");
+    if tmpfs.is_none() {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); the disk-full test needs one");
+    }
+    tmpfs
+}
+
 /// Fills the file system holding `path` with a file until a write fails with ENOSPC.
 fn fill(path: &Path) {
     let mut file = std::fs::File::create(path).unwrap();
@@ -78,23 +87,15 @@ fn batch(key: &str) -> Value {
         {"id":"d-2","action":"decrease","change":1}]})
 }
 
-/// Starts the binary on `dir` with `extra` flags (on a port of the kernel's choosing).
-fn start_on(dir: &Path, extra: &[&str]) -> Server {
-    Server::start_on_dir(dir, extra)
-}
-
 #[test]
 fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
-    let Some(tmpfs) = Tmpfs::mount("1m") else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); the disk-full test needs one");
+    let Some(tmpfs) = small_tmpfs() else {
         return;
     };
     let data = tmpfs.mount.join("data");
     let filler = tmpfs.mount.join("filler");
-    let server = start_on(&data, &[]);
-    let mut subscriber = server.ws("/ws");
-    let reply = request(&mut subscriber, json!({"type":"subscribe","skus":["d-1"]}));
-    assert_eq!(reply["type"], "subscribed");
+    let server = Server::start_on_dir(&data, &[]);
+    let mut subscriber = subscribed_client(&server, &["d-1"]);
     let mut writer = server.writer();
     let ack = request(
         &mut writer,
@@ -172,7 +173,7 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
 
     // And all of it is on disk: a crash and restart shows the same.
     drop(server);
-    let server = start_on(&data, &[]);
+    let server = Server::start_on_dir(&data, &[]);
     let mut reader = server.ws("/ws");
     assert_eq!(get(&mut reader, &["d-1", "d-2"]), after);
     drop(reader);
@@ -185,14 +186,13 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
 /// killed, every acknowledged write and every key is there.
 #[test]
 fn a_full_disk_during_snapshots_loses_no_acknowledged_write() {
-    let Some(tmpfs) = Tmpfs::mount("1m") else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?); the disk-full test needs one");
+    let Some(tmpfs) = small_tmpfs() else {
         return;
     };
     let data = tmpfs.mount.join("data");
     let filler = tmpfs.mount.join("filler");
     let flags = ["--snapshot-log-bytes", "2048"];
-    let server = start_on(&data, &flags);
+    let server = Server::start_on_dir(&data, &flags);
     let mut writer = server.writer();
     let setup = request(
         &mut writer,
@@ -245,7 +245,7 @@ fn a_full_disk_during_snapshots_loses_no_acknowledged_write() {
     let last = acked.last().unwrap().1.clone();
     drop(writer);
     drop(server);
-    let server = start_on(&data, &flags);
+    let server = Server::start_on_dir(&data, &flags);
     let mut reader = server.ws("/ws");
     assert_eq!(Value::from(get(&mut reader, &["d-1", "d-2"])), last);
     // Every key answers with its original result, from the snapshot or the log.

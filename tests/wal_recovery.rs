@@ -19,11 +19,6 @@ fn sku(i: usize) -> String {
     format!("r-{}", i % SKUS)
 }
 
-/// Starts the binary on `dir` with `extra` flags (on a port of the kernel's choosing).
-fn start_on(dir: &Path, extra: &[&str]) -> Server {
-    Server::start_on_dir(dir, extra)
-}
-
 /// The only log segment in `dir`.
 fn segments(dir: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -67,16 +62,7 @@ fn write_sets(server: &Server, n: usize) -> Vec<Value> {
 
 /// Every SKU's state as the server reports it, by name.
 fn read_all(server: &Server) -> BTreeMap<String, Value> {
-    let mut reader = server.ws("/ws");
-    let names: Vec<String> = (0..SKUS).map(sku).collect();
-    let reply = request(&mut reader, json!({"type":"get","skus":names}));
-    assert_eq!(reply["type"], "stock", "{reply}");
-    reply["stock"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| (s["id"].as_str().unwrap().to_string(), s.clone()))
-        .collect()
+    read_states(server, &(0..SKUS).map(sku).collect::<Vec<_>>())
 }
 
 /// What the server must show after the first `k` writes, given their acks.
@@ -101,6 +87,22 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
         }
     }
+}
+
+/// A fresh copy of `base` and the path of its log segment.
+fn copy_of(base: &Path) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(base, dir.path());
+    let segment = segments(dir.path()).pop().unwrap();
+    (dir, segment)
+}
+
+/// Writes `bytes` with the bits of `mask` flipped at `at` to `segment`; returns what it wrote.
+fn write_flipped(segment: &Path, bytes: &[u8], at: usize, mask: u8) -> Vec<u8> {
+    let mut changed = bytes.to_vec();
+    changed[at] ^= mask;
+    std::fs::write(segment, &changed).unwrap();
+    changed
 }
 
 /// Runs the binary on `dir` expecting it to refuse to start; returns its stderr.
@@ -128,22 +130,10 @@ fn refused_start(dir: &Path) -> String {
     }
 }
 
-/// A small deterministic generator, so a failure can be replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
-}
-
 /// One data dir with `n` acknowledged sets; the server is killed (SIGKILL) at the end.
 fn base_dir(n: usize) -> (tempfile::TempDir, Vec<Value>, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_on(dir.path(), &[]);
+    let server = Server::start_on_dir(dir.path(), &[]);
     let acks = write_sets(&server, n);
     drop(server);
     let segment = segments(dir.path()).pop().unwrap();
@@ -158,11 +148,9 @@ fn a_log_cut_at_random_offsets_recovers_the_whole_records_before_the_cut() {
     assert_eq!(starts.len(), acks.len(), "one record per write");
     let mut rng = Rng(0x5eed_0001);
     let mut cuts = vec![0, bytes.len(), bytes.len() - 1, starts[29] + 3];
-    cuts.extend((0..6).map(|_| rng.below(bytes.len())));
+    cuts.extend((0..6).map(|_| rng.index(bytes.len())));
     for cut in cuts {
-        let dir = tempfile::tempdir().unwrap();
-        copy_dir(base.path(), dir.path());
-        let segment = segments(dir.path()).pop().unwrap();
+        let (dir, segment) = copy_of(base.path());
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(&segment)
@@ -173,7 +161,7 @@ fn a_log_cut_at_random_offsets_recovers_the_whole_records_before_the_cut() {
             .zip(starts.iter().skip(1).chain(std::iter::once(&bytes.len())))
             .filter(|&(_, &end)| end <= cut)
             .count();
-        let server = start_on(dir.path(), &[]);
+        let server = Server::start_on_dir(dir.path(), &[]);
         assert_eq!(
             read_all(&server),
             expected_after(&acks, whole),
@@ -207,14 +195,10 @@ fn a_flipped_byte_in_the_middle_refuses_to_start_and_names_file_and_offset() {
     let mut rng = Rng(0x5eed_0002);
     for _ in 0..5 {
         // Any byte of any record but the last.
-        let at = rng.below(starts[19]);
+        let at = rng.index(starts[19]);
         let record_start = *starts.iter().rfind(|&&s| s <= at).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        copy_dir(base.path(), dir.path());
-        let segment = segments(dir.path()).pop().unwrap();
-        let mut changed = bytes.clone();
-        changed[at] ^= 0x20;
-        std::fs::write(&segment, &changed).unwrap();
+        let (dir, segment) = copy_of(base.path());
+        let changed = write_flipped(&segment, &bytes, at, 0x20);
         let stderr = refused_start(dir.path());
         let name = segment.file_name().unwrap().to_str().unwrap();
         assert!(stderr.contains(name), "flip at {at}: {stderr}");
@@ -233,14 +217,10 @@ fn a_flipped_byte_in_the_last_record_is_a_torn_tail() {
     let starts = record_starts(&bytes);
     let mut rng = Rng(0x5eed_0003);
     for _ in 0..3 {
-        let at = starts[9] + rng.below(bytes.len() - starts[9]);
-        let dir = tempfile::tempdir().unwrap();
-        copy_dir(base.path(), dir.path());
-        let segment = segments(dir.path()).pop().unwrap();
-        let mut changed = bytes.clone();
-        changed[at] ^= 0x01;
-        std::fs::write(&segment, &changed).unwrap();
-        let server = start_on(dir.path(), &[]);
+        let at = starts[9] + rng.index(bytes.len() - starts[9]);
+        let (dir, segment) = copy_of(base.path());
+        write_flipped(&segment, &bytes, at, 0x01);
+        let server = Server::start_on_dir(dir.path(), &[]);
         assert_eq!(read_all(&server), expected_after(&acks, 9), "flip at {at}");
     }
 }
@@ -249,7 +229,7 @@ fn a_flipped_byte_in_the_last_record_is_a_torn_tail() {
 fn a_snapshot_and_the_log_after_it_replay_to_the_state_before_the_crash() {
     let dir = tempfile::tempdir().unwrap();
     // A tiny snapshot threshold: several snapshots happen while we write.
-    let server = start_on(dir.path(), &["--snapshot-log-bytes", "2048"]);
+    let server = Server::start_on_dir(dir.path(), &["--snapshot-log-bytes", "2048"]);
     let mut writer = server.writer();
     let mut keyed = Vec::new();
     for i in 0..300usize {
@@ -285,7 +265,7 @@ fn a_snapshot_and_the_log_after_it_replay_to_the_state_before_the_crash() {
     drop(writer);
     server.signal(libc::SIGKILL);
     drop(server);
-    let server = start_on(dir.path(), &["--snapshot-log-bytes", "2048"]);
+    let server = Server::start_on_dir(dir.path(), &["--snapshot-log-bytes", "2048"]);
     assert_eq!(read_all(&server), before);
     // Keys came back too, from the snapshot (early ones) and from the log (late ones).
     let mut writer = server.writer();
@@ -301,7 +281,7 @@ fn a_snapshot_and_the_log_after_it_replay_to_the_state_before_the_crash() {
 #[test]
 fn a_second_process_on_the_same_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start_on(dir.path(), &[]);
+    let server = Server::start_on_dir(dir.path(), &[]);
     let stderr = refused_start(dir.path());
     assert!(
         stderr.contains("in use by another stocksync process"),

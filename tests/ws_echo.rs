@@ -9,19 +9,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::OnceLock;
 
+use common::opcode::*;
 use common::*;
 use stocksync::config::Limits;
 use stocksync::ws::handshake;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::Message;
-
-const TEXT: u8 = 0x1;
-const BINARY: u8 = 0x2;
-const CONTINUATION: u8 = 0x0;
-const CLOSE: u8 = 0x8;
-const PING: u8 = 0x9;
-const PONG: u8 = 0xa;
 
 /// One echo server for the whole file, default limits (messages up to 1 MiB).
 fn echo() -> SocketAddr {
@@ -44,59 +38,22 @@ struct ServerFrame {
     payload: Vec<u8>,
 }
 
+/// Reads one server frame, checking that no RSV bit is set.
 fn read_frame(stream: &mut TcpStream) -> ServerFrame {
-    let mut head = [0u8; 2];
-    stream.read_exact(&mut head).unwrap();
-    assert_eq!(head[0] & 0x70, 0, "server set RSV bits");
-    // RFC 6455 §5.1: "A server MUST NOT mask any frames that it sends to the client."
-    assert_eq!(head[1] & 0x80, 0, "server frame is masked");
-    let len = match head[1] & 0x7f {
-        126 => {
-            let mut ext = [0u8; 2];
-            stream.read_exact(&mut ext).unwrap();
-            u16::from_be_bytes(ext) as usize
-        }
-        127 => {
-            let mut ext = [0u8; 8];
-            stream.read_exact(&mut ext).unwrap();
-            u64::from_be_bytes(ext) as usize
-        }
-        n => n as usize,
-    };
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).unwrap();
+    let (first, payload) = common::read_frame(stream);
+    assert_eq!(first & 0x70, 0, "server set RSV bits");
     ServerFrame {
-        fin: head[0] & 0x80 != 0,
-        opcode: head[0] & 0x0f,
+        fin: first & 0x80 != 0,
+        opcode: first & 0x0f,
         payload,
     }
 }
 
-/// A raw connection that has completed the handshake; the 101 is read a byte at a time so no
-/// frame bytes are swallowed with it.
+/// A raw connection that has completed the handshake; no frame bytes are consumed with the 101.
 fn raw_ws() -> TcpStream {
-    let mut stream = raw(echo());
-    let key = "dGhlIHNhbXBsZSBub25jZQ==";
-    write!(
-        stream,
-        "GET /chat HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            stream.read(&mut byte).unwrap(),
-            1,
-            "closed during handshake"
-        );
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    let (stream, head) = raw_ws_at(echo(), "/chat");
     // RFC 6455 §1.3's worked example: this key must give this accept value.
-    assert!(head.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    assert!(head.contains(&format!("Sec-WebSocket-Accept: {WS_ACCEPT}\r\n")));
     stream
 }
 

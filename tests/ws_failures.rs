@@ -9,15 +9,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::OnceLock;
 
+use common::opcode::*;
 use common::*;
 use stocksync::config::Limits;
-
-const CONTINUATION: u8 = 0x0;
-const TEXT: u8 = 0x1;
-const BINARY: u8 = 0x2;
-const CLOSE: u8 = 0x8;
-const PING: u8 = 0x9;
-const PONG: u8 = 0xa;
 
 const PROTOCOL_ERROR: u16 = 1002;
 const INVALID_PAYLOAD: u16 = 1007;
@@ -41,51 +35,9 @@ fn small_echo() -> SocketAddr {
     })
 }
 
-/// A raw connection past the handshake; the 101 is read a byte at a time so that no frame
-/// bytes are swallowed with it.
+/// A raw connection past the handshake (101 checked), no frame bytes consumed.
 fn raw_ws(addr: SocketAddr) -> TcpStream {
-    let mut stream = raw(addr);
-    stream
-        .write_all(
-            b"GET / HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            stream.read(&mut byte).unwrap(),
-            1,
-            "closed during handshake"
-        );
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101 "));
-    stream
-}
-
-/// Reads one server frame: (first byte, payload).
-fn read_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut head = [0u8; 2];
-    stream.read_exact(&mut head).unwrap();
-    assert_eq!(head[1] & 0x80, 0, "server frames are never masked");
-    let len = match head[1] & 0x7f {
-        126 => {
-            let mut ext = [0u8; 2];
-            stream.read_exact(&mut ext).unwrap();
-            u16::from_be_bytes(ext) as usize
-        }
-        127 => {
-            let mut ext = [0u8; 8];
-            stream.read_exact(&mut ext).unwrap();
-            u64::from_be_bytes(ext) as usize
-        }
-        n => n as usize,
-    };
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).unwrap();
-    (head[0], payload)
+    raw_ws_at(addr, "/").0
 }
 
 /// Reads frames until the server's close frame, checks its code and that the server then
@@ -116,12 +68,18 @@ fn expect_close(stream: &mut TcpStream, code: u16, case: &str) -> Vec<(u8, Vec<u
     before
 }
 
+/// Sends `bytes` on a fresh WebSocket connection and expects a close with `code` (see
+/// `expect_close`); returns the frames before the close.
+fn send_until_close(addr: SocketAddr, case: &str, bytes: &[u8], code: u16) -> Vec<(u8, Vec<u8>)> {
+    let mut stream = raw_ws(addr);
+    stream.write_all(bytes).unwrap();
+    expect_close(&mut stream, code, case)
+}
+
 /// Sends `bytes` on a fresh WebSocket connection and expects a close with `code` and nothing
 /// else before it.
 fn check(addr: SocketAddr, case: &str, bytes: &[u8], code: u16) {
-    let mut stream = raw_ws(addr);
-    stream.write_all(bytes).unwrap();
-    let before = expect_close(&mut stream, code, case);
+    let before = send_until_close(addr, case, bytes, code);
     assert!(
         before.is_empty(),
         "{case}: frames before the close: {before:?}"
@@ -237,9 +195,7 @@ fn bad_continuation_is_a_protocol_error() {
         ),
     ];
     for (case, bytes) in cases {
-        let mut stream = raw_ws(echo());
-        stream.write_all(bytes).unwrap();
-        let before = expect_close(&mut stream, PROTOCOL_ERROR, case);
+        let before = send_until_close(echo(), case, bytes, PROTOCOL_ERROR);
         // Only what the valid frames before the violation earn: an echo, a pong.
         for (first, _) in before {
             assert!(
@@ -283,9 +239,7 @@ fn invalid_utf8_in_a_text_message_is_1007() {
         ),
     ];
     for (case, bytes) in cases {
-        let mut stream = raw_ws(echo());
-        stream.write_all(bytes).unwrap();
-        let before = expect_close(&mut stream, INVALID_PAYLOAD, case);
+        let before = send_until_close(echo(), case, bytes, INVALID_PAYLOAD);
         assert!(
             before.iter().all(|(first, _)| *first == 0x80 | PONG),
             "{case}"
@@ -341,11 +295,12 @@ fn valid_close_codes_are_echoed() {
     for code in [
         1000u16, 1001, 1002, 1003, 1007, 1011, 3000, 3999, 4000, 4999,
     ] {
-        let mut stream = raw_ws(echo());
-        stream
-            .write_all(&client_frame(true, CLOSE, &close_payload(code, b"ok")))
-            .unwrap();
-        expect_close(&mut stream, code, &format!("valid close code {code}"));
+        send_until_close(
+            echo(),
+            &format!("valid close code {code}"),
+            &client_frame(true, CLOSE, &close_payload(code, b"ok")),
+            code,
+        );
     }
 }
 
@@ -406,9 +361,12 @@ fn message_over_the_limit_is_1009() {
         (true, PING, b""),
         (true, CONTINUATION, &half),
     ]);
-    let mut stream = raw_ws(small_echo());
-    stream.write_all(&bytes).unwrap();
-    let before = expect_close(&mut stream, MESSAGE_TOO_BIG, "fragments over the limit");
+    let before = send_until_close(
+        small_echo(),
+        "fragments over the limit",
+        &bytes,
+        MESSAGE_TOO_BIG,
+    );
     assert_eq!(before, vec![(0x80 | PONG, vec![])]);
 }
 
@@ -443,17 +401,7 @@ impl HttpResponse {
 fn send_request(addr: SocketAddr, request: &str, expect_closed: bool) -> HttpResponse {
     let mut stream = raw(addr);
     stream.write_all(request.as_bytes()).unwrap();
-    let mut bytes = Vec::new();
-    let mut byte = [0u8; 1];
-    while !bytes.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            stream.read(&mut byte).unwrap(),
-            1,
-            "closed before a response"
-        );
-        bytes.push(byte[0]);
-    }
-    let head = String::from_utf8(bytes).unwrap();
+    let head = read_head(&mut stream);
     let status = head
         .split(' ')
         .nth(1)
@@ -466,7 +414,7 @@ fn send_request(addr: SocketAddr, request: &str, expect_closed: bool) -> HttpRes
     let mut body = vec![0u8; length];
     stream.read_exact(&mut body).unwrap();
     if expect_closed {
-        let n = stream.read(&mut byte).unwrap();
+        let n = stream.read(&mut [0u8; 1]).unwrap();
         assert_eq!(n, 0, "connection left open after {}", response.head);
     }
     response

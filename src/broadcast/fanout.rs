@@ -37,6 +37,9 @@ pub struct FanoutStats {
 pub struct Fanout {
     /// Indexed by `ConnId::index`; `None` while the connection keeps up.
     pending: Vec<Option<Box<Conflated>>>,
+    /// Slots of `pending` that are `Some`.
+    /// INVARIANT: equals `pending.iter().filter(|p| p.is_some()).count()`.
+    conflating: usize,
     pub stats: FanoutStats,
 }
 
@@ -61,16 +64,54 @@ impl Fanout {
                 SendStatus::Queued => {
                     self.stats.deliveries_total += 1;
                     // Rare: a subscriber that was conflating and is draining now gets this
-                    // newer state directly, so its pending entry would be a repeat.
-                    if let Some(Some(c)) = self.pending.get_mut(id.index as usize) {
-                        if c.generation == id.generation {
-                            c.skus.remove(&sku);
+                    // newer state directly, so its pending entry would be a repeat. Skipped
+                    // without touching `pending` while nobody conflates (the common case).
+                    if self.conflating > 0 {
+                        if let Some(Some(c)) = self.pending.get_mut(id.index as usize) {
+                            if c.generation == id.generation {
+                                c.skus.remove(&sku);
+                            }
                         }
                     }
                 }
                 SendStatus::Full => {
                     self.stats.conflated_total += 1;
                     self.conflate(id, sku);
+                }
+                SendStatus::Closed => {}
+            }
+        }
+    }
+
+    /// Queues `frame` — the updates of `skus` back to back, none of which has named
+    /// subscribers — to every `*` subscriber: one queue entry and one iovec per subscriber for
+    /// a whole loop turn's worth of updates. A full subscriber conflates every SKU in it.
+    pub fn deliver_to_wildcard(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        subs: &Subscriptions,
+        skus: &[SkuId],
+        frame: &Frame,
+    ) {
+        let updates = skus.len() as u64;
+        self.stats.frames_built_total += updates;
+        for &id in subs.wildcard() {
+            match cx.send_unless_full(id, frame) {
+                SendStatus::Queued => {
+                    self.stats.deliveries_total += updates;
+                    if self.conflating > 0 {
+                        if let Some(c) = self.pending_mut(id) {
+                            for sku in skus {
+                                c.skus.remove(sku);
+                            }
+                        }
+                    }
+                }
+                SendStatus::Full => {
+                    self.stats.conflated_total += updates;
+                    for &sku in skus {
+                        self.conflate(id, sku);
+                    }
                 }
                 SendStatus::Closed => {}
             }
@@ -88,6 +129,9 @@ impl Fanout {
                 c.skus.insert(sku);
             }
             _ => {
+                if slot.is_none() {
+                    self.conflating += 1;
+                }
                 let mut skus = HashSet::new();
                 skus.insert(sku);
                 *slot = Some(Box::new(Conflated {
@@ -133,6 +177,7 @@ impl Fanout {
         if let Some(Some(c)) = self.pending.get(id.index as usize) {
             if c.skus.is_empty() {
                 self.pending[id.index as usize] = None;
+                self.conflating -= 1;
             }
         }
     }
@@ -142,6 +187,7 @@ impl Fanout {
         if let Some(slot) = self.pending.get_mut(id.index as usize) {
             if slot.as_ref().is_some_and(|c| c.generation == id.generation) {
                 *slot = None;
+                self.conflating -= 1;
             }
         }
     }

@@ -85,6 +85,11 @@ impl Subscriptions {
         (named, &self.wildcard)
     }
 
+    /// The connections subscribed to `*`.
+    pub fn wildcard(&self) -> &[ConnId] {
+        &self.wildcard
+    }
+
     /// Subscribes `id` to `sku`; false if it already was.
     pub fn subscribe(&mut self, id: ConnId, sku: SkuId) -> bool {
         let slot = sku.0 as usize;

@@ -17,12 +17,23 @@ pub type Frame = Rc<[u8]>;
 /// whole iteration's worth of updates for one subscriber in practice).
 pub const IOVECS_PER_WRITE_MAX: usize = 64;
 
+/// A drained queue keeps its storage for the next burst if a burst of more than
+/// `LIGHT_USE_FRAMES_MAX` frames needed it (a subscriber under a steady stream of updates would
+/// otherwise re-grow its queue on every loop turn) and up to this many slots (1 KiB).
+const RETAINED_SLOTS_MAX: usize = 64;
+
+/// A queue that never held more than this many frames since it last drained (a reply now and
+/// then) gives its storage back, so idle connections hold none.
+const LIGHT_USE_FRAMES_MAX: u32 = 2;
+
 #[derive(Default)]
 pub struct SendQueue {
     frames: VecDeque<Frame>,
     /// Bytes of `frames[0]` already written.
     /// INVARIANT: `head_written < frames[0].len()` whenever `frames` is non-empty.
-    head_written: usize,
+    head_written: u32,
+    /// Most frames held at once since the queue last drained.
+    peak_frames: u32,
     /// Unsent bytes over all frames.
     bytes: usize,
 }
@@ -45,6 +56,7 @@ impl SendQueue {
         }
         self.bytes += frame.len();
         self.frames.push_back(frame);
+        self.peak_frames = self.peak_frames.max(self.frames.len() as u32);
     }
 
     pub fn bytes(&self) -> usize {
@@ -81,7 +93,11 @@ impl SendQueue {
                 [IoSlice::new(&[]); IOVECS_PER_WRITE_MAX];
             let mut count = 0;
             for (i, frame) in self.frames.iter().take(IOVECS_PER_WRITE_MAX).enumerate() {
-                let start = if i == 0 { self.head_written } else { 0 };
+                let start = if i == 0 {
+                    self.head_written as usize
+                } else {
+                    0
+                };
                 slices[i] = IoSlice::new(&frame[start..]);
                 count += 1;
             }
@@ -97,22 +113,24 @@ impl SendQueue {
             written_total += written;
             self.consume(written);
         }
-        // A drained queue gives its memory back: an idle connection holds no queue storage
-        // (the cost is one small allocation on the next send, far below the write syscall).
-        self.frames = VecDeque::new();
+        if self.peak_frames <= LIGHT_USE_FRAMES_MAX || self.frames.capacity() > RETAINED_SLOTS_MAX {
+            self.frames = VecDeque::new();
+        }
+        self.peak_frames = 0;
         Ok((written_total, Flushed::All))
     }
 
     fn consume(&mut self, mut written: usize) {
         self.bytes -= written;
         while written > 0 {
-            let head_left = self.frames[0].len() - self.head_written;
+            let head_left = self.frames[0].len() - self.head_written as usize;
             if written >= head_left {
                 written -= head_left;
                 self.frames.pop_front();
                 self.head_written = 0;
             } else {
-                self.head_written += written;
+                // A frame is far smaller than 4 GiB (frames are capped by the message limit).
+                self.head_written += written as u32;
                 written = 0;
             }
         }

@@ -15,6 +15,17 @@ use crate::wal::{KeyRecord, Record, SnapshotPart};
 /// Known SKUs added to a snapshot per loop iteration (see `maybe_snapshot`).
 pub const SNAPSHOT_CHUNK_SKUS: usize = 65_536;
 
+/// Bytes of `*`-only updates gathered into one frame run before it is sent (see
+/// `flush_wildcard_batch`); a loop turn with more sends several runs.
+pub const WILDCARD_BATCH_BYTES_MAX: usize = 64 * 1024;
+
+/// Updates gathered during one release for the `*` subscribers.
+#[derive(Default)]
+pub struct WildcardBatch {
+    bytes: Vec<u8>,
+    skus: Vec<SkuId>,
+}
+
 /// How the writer wants its answer.
 #[derive(Clone, Debug)]
 pub enum ReplyTo {
@@ -287,9 +298,23 @@ impl StockService {
             let entry = self.outbox.pop_front().expect("front exists");
             self.release(cx, entry);
         }
+        self.flush_wildcard_batch(cx);
         if let Some(failed_from) = completion.failed_from {
             self.roll_back(cx, failed_from);
+            self.flush_wildcard_batch(cx);
         }
+    }
+
+    /// Sends the updates gathered for `*` subscribers as one frame run.
+    fn flush_wildcard_batch(&mut self, cx: &mut Ctx<'_>) {
+        if self.wildcard_batch.skus.is_empty() {
+            return;
+        }
+        let frame = Frame::from(self.wildcard_batch.bytes.as_slice());
+        self.fanout
+            .deliver_to_wildcard(cx, &self.subs, &self.wildcard_batch.skus, &frame);
+        self.wildcard_batch.bytes.clear();
+        self.wildcard_batch.skus.clear();
     }
 
     fn done_with(&mut self, conn: ConnId) {
@@ -309,6 +334,9 @@ impl StockService {
                 ..
             } => {
                 self.done_with(to);
+                // Updates gathered so far go first: a reply reporting state must not overtake
+                // an older broadcast to the same connection.
+                self.flush_wildcard_batch(cx);
                 let frame = match body {
                     Body::Frame(frame) => frame,
                     Body::States {
@@ -328,7 +356,11 @@ impl StockService {
                 let change = *change;
                 self.done_with(change.writer);
                 self.metrics.ack_latency.observe(change.received.elapsed());
-                // The writer hears first (PROTOCOL.md), then every subscriber.
+                // The writer hears first (PROTOCOL.md), then every subscriber. A writer that
+                // also hears `*` gets the gathered older updates before this newer ack.
+                if self.subs.has_wildcard(change.writer) {
+                    self.flush_wildcard_batch(cx);
+                }
                 cx.send(change.writer, change.ack);
                 if let super::commit::ReplyTo::Http { keep_alive: false } = change.reply_to {
                     cx.close(change.writer);
@@ -342,7 +374,22 @@ impl StockService {
                         }
                     }
                     let frame = reply::stock_update(self.store.name(sku), after);
-                    self.fanout.deliver(cx, &self.subs, sku, &frame);
+                    let (named, all) = self.subs.subscribers(sku);
+                    if named.is_empty() {
+                        // Only `*` hears this SKU: gather it with this turn's other such
+                        // updates into one frame run per subscriber.
+                        if !all.is_empty() {
+                            self.wildcard_batch.bytes.extend_from_slice(&frame);
+                            self.wildcard_batch.skus.push(sku);
+                            if self.wildcard_batch.bytes.len() >= WILDCARD_BATCH_BYTES_MAX {
+                                self.flush_wildcard_batch(cx);
+                            }
+                        }
+                    } else {
+                        // Keeps every connection's view in order: gathered updates first.
+                        self.flush_wildcard_batch(cx);
+                        self.fanout.deliver(cx, &self.subs, sku, &frame);
+                    }
                 }
                 self.metrics.changes_total += 1;
             }

@@ -107,6 +107,8 @@ pub struct StockService {
     /// Last durable state and latest in-flight sequence of every SKU with a change in flight.
     overlay: HashMap<SkuId, (Stock, u64)>,
     outbox: VecDeque<Outgoing>,
+    /// `*`-only updates of the current release, sent as one frame run per subscriber.
+    wildcard_batch: commit::WildcardBatch,
     /// Highest sequence number appended to the log.
     last_seq: u64,
     sessions: Vec<Session>,
@@ -139,6 +141,7 @@ impl StockService {
             log,
             overlay: HashMap::new(),
             outbox: VecDeque::new(),
+            wildcard_batch: commit::WildcardBatch::default(),
             last_seq: 0,
             sessions: Vec::new(),
             released: Vec::new(),

@@ -214,6 +214,14 @@ pub fn request(ws: &mut Ws, value: serde_json::Value) -> serde_json::Value {
     recv(ws)
 }
 
+/// A `/ws` client subscribed to `skus`, its `subscribed` reply checked.
+pub fn subscribed_client(server: &Server, skus: &[&str]) -> Ws {
+    let mut ws = server.ws("/ws");
+    let reply = request(&mut ws, serde_json::json!({"type":"subscribe","skus":skus}));
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    ws
+}
+
 /// Starts the echo service in-process on a free port with `limits`; the loop runs on its own
 /// thread until the test process ends.
 pub fn start_echo(limits: Limits) -> SocketAddr {
@@ -252,13 +260,45 @@ pub fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
     }
 }
 
-/// Performs a raw WebSocket handshake on `stream` at `path`; returns bytes read past the 101.
-pub fn raw_handshake(stream: &mut TcpStream, path: &str) -> Vec<u8> {
-    let request = format!(
+/// RFC 6455 §1.3's `Sec-WebSocket-Accept` for the sample key every raw handshake here sends.
+pub const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// A WebSocket upgrade request for `path` with RFC 6455 §1.3's sample key.
+pub fn upgrade_request(path: &str) -> String {
+    format!(
         "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).unwrap();
+    )
+}
+
+/// Reads an HTTP response head a byte at a time, so nothing after it is consumed.
+pub fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            stream.read(&mut byte).unwrap(),
+            1,
+            "closed before a response"
+        );
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// A raw connection to `addr` upgraded at `path` (101 checked), and the response head; no
+/// frame bytes are consumed with the head.
+pub fn raw_ws_at(addr: SocketAddr, path: &str) -> (TcpStream, String) {
+    let mut stream = raw(addr);
+    stream.write_all(upgrade_request(path).as_bytes()).unwrap();
+    let head = read_head(&mut stream);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    (stream, head)
+}
+
+/// Performs a raw WebSocket handshake on `stream` at `path`; returns bytes read past the 101.
+pub fn raw_handshake(stream: &mut TcpStream, path: &str) -> Vec<u8> {
+    stream.write_all(upgrade_request(path).as_bytes()).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -294,4 +334,132 @@ pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&mask);
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     out
+}
+
+/// WebSocket opcodes (RFC 6455 §5.2).
+pub mod opcode {
+    pub const CONTINUATION: u8 = 0x0;
+    pub const TEXT: u8 = 0x1;
+    pub const BINARY: u8 = 0x2;
+    pub const CLOSE: u8 = 0x8;
+    pub const PING: u8 = 0x9;
+    pub const PONG: u8 = 0xa;
+}
+
+/// Reads one server frame: `(first byte, payload)`; `None` at EOF or timeout, panics if masked.
+pub fn try_read_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).ok()?;
+    // RFC 6455 §5.1: "A server MUST NOT mask any frames that it sends to the client."
+    assert_eq!(head[1] & 0x80, 0, "server frames are never masked");
+    let len = match head[1] & 0x7f {
+        126 => {
+            let mut ext = [0u8; 2];
+            stream.read_exact(&mut ext).ok()?;
+            u16::from_be_bytes(ext) as usize
+        }
+        127 => {
+            let mut ext = [0u8; 8];
+            stream.read_exact(&mut ext).ok()?;
+            u64::from_be_bytes(ext) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).ok()?;
+    Some((head[0], payload))
+}
+
+/// Reads one server frame: `(first byte, payload)`; panics at EOF, timeout or a masked frame.
+pub fn read_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+    try_read_frame(stream).expect("a server frame before EOF or timeout")
+}
+
+/// The value of `series` (name and labels as written) in a `/metrics` scrape, if it is there.
+pub fn scrape_metric(server: &Server, series: &str) -> Option<String> {
+    let text = ureq::get(&server.http("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(str::to_string)
+}
+
+/// An HTTP call with `headers`; returns the status (error statuses included) and the body as
+/// JSON, or as a JSON string when it is not JSON.
+pub fn http_json(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut req = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .request(method, url);
+    for (name, value) in headers {
+        req = req.set(name, value);
+    }
+    let result = match body {
+        Some(body) => req.send_string(body),
+        None => req.call(),
+    };
+    let response = match result {
+        Ok(response) => response,
+        Err(ureq::Error::Status(_, response)) => response,
+        Err(e) => panic!("{method} {url}: {e}"),
+    };
+    let status = response.status();
+    let text = response.into_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+/// Every state of `skus` as the server reports them to a `get`, by SKU id.
+pub fn read_states(
+    server: &Server,
+    skus: &[String],
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut reader = server.ws("/ws");
+    let reply = request(&mut reader, serde_json::json!({"type":"get","skus":skus}));
+    assert_eq!(reply["type"], "stock", "{reply}");
+    reply["stock"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap().to_string(), s.clone()))
+        .collect()
+}
+
+/// One stock op: `quantity` for a `set`, `change` for every other action.
+pub fn stock_op(sku: &str, action: &str, amount: u64) -> serde_json::Value {
+    let field = if action == "set" {
+        "quantity"
+    } else {
+        "change"
+    };
+    serde_json::json!({"id": sku, "action": action, field: amount})
+}
+
+/// A small deterministic xorshift generator, so a failing run can be replayed from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+
+    /// `below` for lengths and indices.
+    pub fn index(&mut self, n: usize) -> usize {
+        self.below(n as u64) as usize
+    }
 }
