@@ -2,7 +2,7 @@
 //! serde_json, which is how a broadcast is built once), client payload unmasking, and decoding of
 //! single frames and of a read buffer holding 100 frames.
 //!
-//! `cargo bench --bench frame`; results and method in docs/bench/core.md.
+//! `cargo bench --bench frame`; results and method in docs/BENCHMARKS.md.
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! from source addresses 127.0.0.2.. (so no per-IP limit or ephemeral-port range is hit),
 //! completes every handshake, and reads the server's VmRSS from /proc/PID/status before, at
 //! N/10 and at N connections. Then it checks that every connection still echoes, and prints a
-//! report (method and results in docs/bench/core.md).
+//! report (method and results in docs/BENCHMARKS.md).
 //!
 //! The echo server sends pings every 25 s and closes connections silent for 60 s, so the whole
 //! run must stay well inside a minute; it does (a few seconds for 10,000 on loopback).

@@ -370,7 +370,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 /// Measures p50/p99/max delivery latency of the normal subscribers and the server's RSS, with
-/// and without the stalled client. Writes nothing; prints a table for docs/bench.
+/// and without the stalled client. Writes nothing; prints a table for docs/BENCHMARKS.md.
 #[test]
 #[ignore]
 fn slow_consumer_latency_benchmark() {

@@ -46,7 +46,7 @@ common flags:
 
 One source address gives about 28,000 ephemeral ports, and a process may have 20,000 open
 files here: above ~19,000 connections run several processes with different --source-first.
-See docs/bench/loadtest.md.
+See docs/LOADTEST.md.
 ";
 
 fn main() {
