@@ -433,16 +433,14 @@ impl<H: Handler> EventLoop<H> {
 
     /// Routes SIGINT/SIGTERM (graceful shutdown) and SIGHUP (reload) into this loop.
     pub fn handle_signals(&mut self) -> io::Result<()> {
-        let (mut read_end, write_end) = UnixStream::pair()?;
+        // Both ends non-blocking: the signal handler must never block (a full pipe already
+        // holds a pending wake-up), and the read end joins the poll.
+        let (read_end, write_end) = std::os::unix::net::UnixStream::pair()?;
+        read_end.set_nonblocking(true)?;
+        write_end.set_nonblocking(true)?;
+        let mut read_end = UnixStream::from_std(read_end);
         let terminate = Arc::new(AtomicBool::new(false));
         let reload = Arc::new(AtomicBool::new(false));
-        let write_end: std::os::unix::net::UnixStream = {
-            use std::os::fd::{FromRawFd, IntoRawFd};
-            let fd = write_end.into_raw_fd();
-            // SAFETY: `fd` was just released by `into_raw_fd`, so it is open, a Unix stream
-            // socket, and owned by nothing else; from_raw_fd takes over that ownership.
-            unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) }
-        };
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::flag::register(signal, terminate.clone())?;
             signal_hook::low_level::pipe::register(signal, write_end.try_clone()?)?;
