@@ -260,3 +260,49 @@ fn a_full_disk_during_snapshots_loses_no_acknowledged_write() {
     drop(server);
     drop(tmpfs);
 }
+
+/// Regression: a failed log batch holding several changes that all created the same new SKU
+/// is rolled back as a whole, the SKU forgotten once, every writer answered `unavailable`, and
+/// the server keeps serving (forgetting it once per change used to touch a dead slot).
+#[test]
+fn a_failed_batch_of_writes_creating_one_sku_is_rolled_back_cleanly() {
+    let Some(tmpfs) = small_tmpfs() else {
+        return;
+    };
+    let data = tmpfs.mount.join("data");
+    let filler = tmpfs.mount.join("filler");
+    let server = Server::start_on_dir(&data, &[]);
+    let mut writer = server.writer();
+    fill(&filler);
+    const PIPELINED: usize = 20;
+    let mut refused_group = None;
+    for group in 0..500 {
+        let sku = format!("fresh-{group}");
+        // All sent before any reply is read: they land in one loop turn, one log batch.
+        for n in 0..PIPELINED {
+            send(
+                &mut writer,
+                json!({"type":"stock_update","id":n,"stock":{"id":sku,"action":"increase","change":1}}),
+            );
+        }
+        let replies: Vec<Value> = (0..PIPELINED).map(|_| recv(&mut writer)).collect();
+        let refused = replies
+            .iter()
+            .filter(|r| r["code"] == "unavailable")
+            .count();
+        let acked = replies.iter().filter(|r| r["type"] == "ack").count();
+        assert_eq!(refused + acked, PIPELINED, "{replies:?}");
+        if refused > 0 {
+            refused_group = Some((sku, acked));
+            break;
+        }
+    }
+    let (sku, acked) = refused_group.expect("the full disk refused a batch");
+    // Whatever was refused left no trace; the server and this connection still work.
+    let state = get(&mut writer, &[&sku]);
+    assert_eq!(state[0]["on_hand"], acked as u64, "{state:?}");
+    assert_eq!(request(&mut writer, json!({"type":"ping"}))["type"], "pong");
+    std::fs::remove_file(&filler).unwrap();
+    drop(server);
+    drop(tmpfs);
+}

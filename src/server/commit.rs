@@ -64,7 +64,6 @@ pub struct PendingChange {
     seq: u64,
     writer: ConnId,
     reply_to: ReplyTo,
-    batch: bool,
     ack: Frame,
     /// State of each changed SKU before the change (for undo), then after it (for the
     /// broadcast and the overlay).
@@ -279,7 +278,6 @@ impl StockService {
                 seq,
                 writer: conn,
                 reply_to,
-                batch: req.batch,
                 ack,
                 before,
                 changed: applied.changed,
@@ -416,6 +414,9 @@ impl StockService {
         }
         self.overlay.clear();
         let count = changes.len();
+        // SKUs the failed changes interned; forgotten once at the end (two changes may name
+        // the same SKU, and forgetting a slot twice would touch a dead one).
+        let mut touched: Vec<SkuId> = Vec::new();
         for entry in entries {
             match entry {
                 Outgoing::Change(change) if change.seq >= failed_from => {
@@ -426,17 +427,16 @@ impl StockService {
                     );
                     self.metrics.count_error(ErrorCode::Unavailable);
                     let (frame, close_after) = Self::error_frame(&change.reply_to, &error);
-                    let _ = change.batch;
                     cx.send(change.writer, frame);
                     if close_after {
                         cx.close(change.writer);
                     }
-                    let skus: Vec<SkuId> = change.before.iter().map(|&(sku, _)| sku).collect();
-                    self.forget_unused(skus);
+                    touched.extend(change.before.iter().map(|&(sku, _)| sku));
                 }
                 other => self.release(cx, other),
             }
         }
+        self.forget_unused(touched);
         self.metrics.rolled_back_total += count as u64;
     }
 
