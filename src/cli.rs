@@ -121,6 +121,12 @@ const FLAGS: &[Flag] = &[
         help: "writes per second per token over all its connections, 0 = unlimited (default 0)",
     },
     Flag {
+        name: "--idempotency-keys-max",
+        env: "STOCKSYNC_IDEMPOTENCY_KEYS_MAX",
+        value: "N",
+        help: "idempotency keys remembered (24 h each); keyed writes past it get `unavailable` (default 1000000)",
+    },
+    Flag {
         name: "--send-high-bytes",
         env: "STOCKSYNC_SEND_HIGH_BYTES",
         value: "N",
@@ -306,6 +312,9 @@ impl Settings {
             "--write-rate" => self.service.writes_per_conn_per_sec = parse_number(name, value)?,
             "--token-write-rate" => {
                 self.service.writes_per_token_per_sec = parse_number(name, value)?
+            }
+            "--idempotency-keys-max" => {
+                self.service.idempotency_keys_max = parse_number(name, value)?
             }
             "--send-high-bytes" => {
                 self.limits.send_queue_high_bytes = parse_number(name, value)?;

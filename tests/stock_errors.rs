@@ -2,9 +2,9 @@
 //! checked for its code, `id`, `message` (and `index` / `stock` where the contract says), and
 //! the connection checked to still work after it. Plus the HTTP status of each code.
 //!
-//! Not reached here: `unavailable` needs the write-ahead log to refuse (a disk failure; the
-//! durability tests cover it) or the idempotency key store to be full (1,000,000 live keys, no
-//! flag lowers it); `internal` is never sent by this server: no request maps to it, and a panic
+//! `unavailable` is reached here through a full idempotency key store (`--idempotency-keys-max`);
+//! the write-ahead log refusing (a full disk) is covered by tests/wal_disk_full.rs. `internal`
+//! is never sent by this server: no request maps to it, and a panic
 //! in a handler closes that connection instead (the loop's guard), so there is nothing to send
 //! it on.
 
@@ -634,4 +634,42 @@ fn a_refused_batch_naming_a_new_sku_twice_is_answered_and_the_connection_kept() 
     }
     ack(&mut ws, update(op("fresh", "set", 2)));
     assert_eq!(get(&mut ws, "fresh")["version"], 1);
+}
+
+#[test]
+fn unavailable_when_the_idempotency_key_store_is_full_and_nothing_changes() {
+    let server = Server::start(&["--idempotency-keys-max", "2"]);
+    let mut ws = server.writer();
+    let keyed = |key: &str| json!({"type":"stock_update","id":"e","idempotency_key":key,"stock":op("k-1","increase",1)});
+    assert_eq!(ack(&mut ws, keyed("one"))["stock"]["version"], 1);
+    assert_eq!(ack(&mut ws, keyed("two"))["stock"]["version"], 2);
+    // A third key would push out one younger than 24 h: refused, and nothing applied.
+    let refused = expect_error_json(&mut ws, keyed("three"), "unavailable");
+    assert!(refused.get("stock").is_none(), "{refused}");
+    assert_eq!(get(&mut ws, "k-1")["version"], 2);
+    // Keys already held still answer as duplicates, and unkeyed writes go on.
+    let repeat = ack(&mut ws, keyed("one"));
+    assert_eq!(
+        (
+            repeat["duplicate"].clone(),
+            repeat["stock"]["version"].clone()
+        ),
+        (json!(true), json!(1))
+    );
+    assert_eq!(
+        ack(&mut ws, update(op("k-1", "increase", 1)))["stock"]["version"],
+        3
+    );
+    let bearer = format!("Bearer {TOKEN}");
+    let (status, body) = http_json(
+        "POST",
+        &server.http("/stock/k-1"),
+        &[("Authorization", &bearer), ("Idempotency-Key", "four")],
+        Some(r#"{"action":"increase","change":1}"#),
+    );
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (503, json!("unavailable")),
+        "{body}"
+    );
 }

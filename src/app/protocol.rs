@@ -33,10 +33,17 @@ struct ConnProto {
     last_input_ms: u64,
 }
 
+/// Refused handshakes are warned about at most this often (a scan with bad tokens or a
+/// misconfigured client would otherwise flood the log); the rest go to debug.
+const REFUSAL_WARN_INTERVAL_MS: u64 = 10_000;
+
 pub struct Protocol<S: Service> {
     /// Indexed by `ConnId::index`; `None` for free slots.
     conns: Vec<Option<ConnProto>>,
     http_limits: request::Limits,
+    /// When a refused handshake was last warned about, and refusals since.
+    refusal_warned_ms: u64,
+    refusals_unwarned: u64,
     pub service: S,
 }
 
@@ -44,6 +51,8 @@ impl<S: Service> Protocol<S> {
     pub fn new(service: S, limits: &crate::config::Limits) -> Self {
         Protocol {
             conns: Vec::new(),
+            refusal_warned_ms: 0,
+            refusals_unwarned: 0,
             http_limits: request::Limits {
                 headers_max: limits.http_headers_max,
                 head_bytes_max: limits.http_head_bytes_max,
@@ -108,7 +117,7 @@ impl<S: Service> Protocol<S> {
         let key = match handshake::validate(&req.method_name, req.minor_version, &headers) {
             Ok(key) => key.to_vec(),
             Err(e) => {
-                warn!("{id} WebSocket handshake refused: {e:?}");
+                self.refused(cx, id, format_args!("handshake refused: {e}"));
                 cx.send(id, Frame::from(handshake::rejection(&e)));
                 cx.close(id);
                 return;
@@ -116,7 +125,11 @@ impl<S: Service> Protocol<S> {
         };
         drop(headers);
         if let Err(response) = self.service.on_upgrade(cx, id, &req) {
-            warn!("{id} WebSocket upgrade refused with {}", response.status);
+            self.refused(
+                cx,
+                id,
+                format_args!("upgrade refused with {}", response.status),
+            );
             cx.send(id, Frame::from(response.close().to_bytes()));
             cx.close(id);
             return;
@@ -131,6 +144,21 @@ impl<S: Service> Protocol<S> {
         }
         self.schedule_ws_timer(cx, id);
         self.service.on_ws_open(cx, id, &req);
+    }
+
+    /// Logs a refused WebSocket handshake: a warning at most every
+    /// `REFUSAL_WARN_INTERVAL_MS` (with the count since the last one), debug otherwise.
+    fn refused(&mut self, cx: &Ctx<'_>, id: ConnId, what: std::fmt::Arguments<'_>) {
+        let now = cx.now_ms();
+        let peer = cx.peer(id).map(|p| p.ip());
+        if self.refusal_warned_ms == 0 || now >= self.refusal_warned_ms + REFUSAL_WARN_INTERVAL_MS {
+            let earlier = std::mem::take(&mut self.refusals_unwarned);
+            warn!("{id} from {peer:?}: WebSocket {what} ({earlier} more refused since the last warning)");
+            self.refusal_warned_ms = now.max(1);
+        } else {
+            self.refusals_unwarned += 1;
+            debug!("{id} from {peer:?}: WebSocket {what}");
+        }
     }
 
     /// Next wake-up for a WebSocket: the earlier of the idle deadline and the next ping.

@@ -39,6 +39,15 @@ const PENDING_RETAINED_BYTES_MAX: usize = 64 * 1024;
 /// Warnings about the same refused-accept cause are logged at most this often.
 const LIMIT_LOG_INTERVAL_MS: u64 = 10_000;
 
+/// Why an accept was refused; each cause is logged on its own interval, so a flood of one
+/// does not hide the others.
+#[derive(Clone, Copy)]
+enum AcceptRefusal {
+    AcceptError = 0,
+    ConnectionsMax = 1,
+    PerIp = 2,
+}
+
 /// What happened to a frame handed to [`Ctx::send`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendStatus {
@@ -124,7 +133,8 @@ struct Core {
     per_ip: HashMap<IpAddr, u32>,
     stats: LoopStats,
     stopping: bool,
-    last_limit_log_ms: u64,
+    /// When each refused-accept cause (see `AcceptRefusal`) was last logged.
+    last_limit_log_ms: [u64; 3],
 }
 
 /// The handler's view of the loop during a callback.
@@ -410,7 +420,7 @@ impl<H: Handler> EventLoop<H> {
                 per_ip: HashMap::new(),
                 stats: LoopStats::default(),
                 stopping: false,
-                last_limit_log_ms: 0,
+                last_limit_log_ms: [0; 3],
             },
             read_buf: vec![0; READ_CHUNK_BYTES],
             timer_out: Vec::new(),
@@ -594,7 +604,10 @@ impl<H: Handler> EventLoop<H> {
                 Err(e) => {
                     // EMFILE and friends: the pending connection stays in the backlog; the
                     // next connection attempt wakes us again.
-                    self.log_limit(format_args!("accept failed: {e}"));
+                    self.log_limit(
+                        AcceptRefusal::AcceptError,
+                        format_args!("accept failed: {e}"),
+                    );
                     return;
                 }
             };
@@ -602,12 +615,11 @@ impl<H: Handler> EventLoop<H> {
         }
     }
 
-    fn log_limit(&mut self, message: std::fmt::Arguments<'_>) {
+    fn log_limit(&mut self, cause: AcceptRefusal, message: std::fmt::Arguments<'_>) {
         let now = self.core.start.elapsed().as_millis() as u64;
-        if self.core.last_limit_log_ms == 0
-            || now >= self.core.last_limit_log_ms + LIMIT_LOG_INTERVAL_MS
-        {
-            self.core.last_limit_log_ms = now.max(1);
+        let last = &mut self.core.last_limit_log_ms[cause as usize];
+        if *last == 0 || now >= *last + LIMIT_LOG_INTERVAL_MS {
+            *last = now.max(1);
             warn!("{message}");
         }
     }
@@ -616,9 +628,10 @@ impl<H: Handler> EventLoop<H> {
         if self.conns.len() >= self.core.limits.connections_max {
             self.core.stats.rejected_limit_total += 1;
             let max = self.core.limits.connections_max;
-            self.log_limit(format_args!(
-                "connection limit ({max}) reached; refusing {addr}"
-            ));
+            self.log_limit(
+                AcceptRefusal::ConnectionsMax,
+                format_args!("connection limit ({max}) reached; refusing {addr}"),
+            );
             return; // dropping the stream closes it
         }
         let ip = addr.ip();
@@ -626,9 +639,10 @@ impl<H: Handler> EventLoop<H> {
         if per_ip as usize >= self.core.limits.connections_per_ip_max {
             self.core.stats.rejected_per_ip_total += 1;
             let max = self.core.limits.connections_per_ip_max;
-            self.log_limit(format_args!(
-                "per-IP connection limit ({max}) reached for {ip}"
-            ));
+            self.log_limit(
+                AcceptRefusal::PerIp,
+                format_args!("per-IP connection limit ({max}) reached for {ip}"),
+            );
             return;
         }
         // Frames are small and latency matters more than packet count.
