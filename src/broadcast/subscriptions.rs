@@ -14,10 +14,18 @@ use crate::stock::SkuId;
 /// Marks a dormant subscription (the connection has `*`).
 const DORMANT: u32 = u32::MAX;
 
+impl ConnSubs {
+    /// Where `sku` is (Ok) or would go (Err) in `skus`, which is sorted by SKU so that a
+    /// connection naming thousands of SKUs is searched in log time, not scanned.
+    fn find(&self, sku: SkuId) -> Result<usize, usize> {
+        self.skus.binary_search_by_key(&sku, |&(k, _)| k)
+    }
+}
+
 #[derive(Default)]
 struct ConnSubs {
     generation: u32,
-    /// (SKU, position in `by_sku[sku]`, or DORMANT).
+    /// (SKU, position in `by_sku[sku]`, or DORMANT), sorted by SKU.
     skus: Vec<(SkuId, u32)>,
     /// Position in `wildcard`.
     wildcard: Option<u32>,
@@ -72,7 +80,7 @@ impl Subscriptions {
 
     pub fn is_subscribed(&self, id: ConnId, sku: SkuId) -> bool {
         self.conn(id)
-            .is_some_and(|s| s.wildcard.is_some() || s.skus.iter().any(|&(k, _)| k == sku))
+            .is_some_and(|s| s.wildcard.is_some() || s.find(sku).is_ok())
     }
 
     /// The connections that hear about `sku`: named subscribers, then `*` subscribers; no
@@ -98,9 +106,9 @@ impl Subscriptions {
             self.refs.resize(slot + 1, 0);
         }
         let conn = self.conn_mut(id);
-        if conn.skus.iter().any(|&(k, _)| k == sku) {
+        let Err(at) = conn.find(sku) else {
             return false;
-        }
+        };
         let position = if conn.wildcard.is_some() {
             DORMANT
         } else {
@@ -108,7 +116,9 @@ impl Subscriptions {
             list.push(id);
             (list.len() - 1) as u32
         };
-        self.by_conn[id.index as usize].skus.push((sku, position));
+        self.by_conn[id.index as usize]
+            .skus
+            .insert(at, (sku, position));
         self.refs[slot] += 1;
         true
     }
@@ -136,12 +146,11 @@ impl Subscriptions {
         let list = &mut self.by_sku[sku.0 as usize];
         list.swap_remove(pos as usize);
         if let Some(&moved) = list.get(pos as usize) {
-            let entry = self.by_conn[moved.index as usize]
-                .skus
-                .iter_mut()
-                .find(|(k, _)| *k == sku)
+            let moved_subs = &mut self.by_conn[moved.index as usize];
+            let at = moved_subs
+                .find(sku)
                 .expect("a listed subscriber names the SKU");
-            entry.1 = pos;
+            moved_subs.skus[at].1 = pos;
         }
     }
 
@@ -155,8 +164,8 @@ impl Subscriptions {
     /// Unsubscribes `id` from `sku`. Returns the SKU if this was its last reference.
     pub fn unsubscribe(&mut self, id: ConnId, sku: SkuId) -> Option<SkuId> {
         let conn = self.conn(id)?;
-        let at = conn.skus.iter().position(|&(k, _)| k == sku)?;
-        let (_, pos) = self.by_conn[id.index as usize].skus.swap_remove(at);
+        let at = conn.find(sku).ok()?;
+        let (_, pos) = self.by_conn[id.index as usize].skus.remove(at);
         if pos != DORMANT {
             self.detach(sku, pos);
         }
