@@ -367,3 +367,77 @@ fn max_message_size_closes_with_1009() {
     assert_eq!(code, Some(1009));
     assert_eq!(limit_hits(&server, "message_too_big"), 2);
 }
+
+/// With few file descriptors (RLIMIT_NOFILE 100), the connection limit is lowered to fit
+/// under them: connections past it are refused cleanly and counted, never left hanging in
+/// the backlog by EMFILE, and the server keeps serving once some close.
+#[test]
+fn the_connection_limit_fits_under_the_descriptor_limit() {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_stocksync"));
+    command
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "none",
+            "--write-token",
+            TOKEN,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and only calls setrlimit,
+    // which is async-signal-safe, on a stack value.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 100,
+                rlim_max: 100,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let addr = read_listen_addr(&mut child);
+    let server = Server {
+        child,
+        addr,
+        data_dir: None,
+    };
+    wait_listening(addr);
+    // 100 descriptors minus the 64 kept aside: 36 connections fit (wait_listening used one,
+    // already closed). Open 60 WebSockets: the first ones work, the rest are closed at once.
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..60 {
+        match tungstenite::connect(server.url("/ws")) {
+            Ok((ws, _)) => open.push(ws),
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(open.len() <= 36, "{} connections accepted", open.len());
+    assert!(open.len() >= 30, "only {} connections accepted", open.len());
+    assert_eq!(open.len() + refused, 60);
+    for ws in &mut open {
+        assert_eq!(
+            request(ws, serde_json::json!({"type":"ping"}))["type"],
+            "pong"
+        );
+    }
+    open.truncate(10);
+    // Room again: a new connection works and the refusals were counted.
+    let rejected: f64 = scrape_metric(
+        &server,
+        "stocksync_connections_rejected_total{reason=\"connections_max\"}",
+    )
+    .expect("the rejection counter")
+    .parse()
+    .unwrap();
+    assert!(
+        rejected >= refused as f64,
+        "{rejected} counted, {refused} refused"
+    );
+}

@@ -34,6 +34,8 @@ const EVENTS_PER_POLL_MAX: usize = 1024;
 const READS_PER_TURN_MAX: usize = 16;
 /// Rounds of flush -> drain callback -> flush in one iteration; the rest waits for the next one.
 const FLUSH_ROUNDS_MAX: usize = 4;
+/// After a failed accept (out of descriptors), the loop tries again this much later.
+const ACCEPT_RETRY_MS: u64 = 100;
 /// Spare capacity a connection's pending-input buffer may keep beyond what it holds.
 const PENDING_RETAINED_BYTES_MAX: usize = 64 * 1024;
 /// Warnings about the same refused-accept cause are logged at most this often.
@@ -369,6 +371,8 @@ pub struct EventLoop<H: Handler> {
     timer_out: Vec<Entry>,
     /// This iteration's readiness, copied out of `events` so handlers can borrow the loop.
     ready: Vec<(Token, bool, bool)>,
+    /// When to try accepting again after a failed accept.
+    accept_retry_at_ms: Option<u64>,
     handler: H,
 }
 
@@ -386,9 +390,24 @@ impl<H: Handler> EventLoop<H> {
         limits: Limits,
         make_handler: impl FnOnce(Arc<Waker>) -> H,
     ) -> io::Result<Self> {
+        let mut limits = limits;
         limits
             .validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.0))?;
+        // Refusing a connection cleanly (and counting it) beats running into EMFILE, where the
+        // kernel keeps it waiting in the backlog: keep the limit under the descriptor limit.
+        match super::listener::raise_fd_limit() {
+            Ok(fits) if (limits.connections_max as u64) > fits => {
+                info!(
+                    "connections_max {} lowered to {fits}: the process may open only {} files",
+                    limits.connections_max,
+                    fits + super::listener::FDS_RESERVED
+                );
+                limits.connections_max = fits.max(1) as usize;
+            }
+            Ok(_) => {}
+            Err(e) => warn!("cannot read the open-file limit: {e}"),
+        }
         let poll = Poll::new()?;
         let mut listener = super::listener::bind(addr)?;
         let local_addr = listener.local_addr()?;
@@ -425,6 +444,7 @@ impl<H: Handler> EventLoop<H> {
             read_buf: vec![0; READ_CHUNK_BYTES],
             timer_out: Vec::new(),
             ready: Vec::with_capacity(EVENTS_PER_POLL_MAX),
+            accept_retry_at_ms: None,
             handler,
         })
     }
@@ -505,6 +525,13 @@ impl<H: Handler> EventLoop<H> {
             ready.clear();
             self.ready = ready;
             self.reread();
+            if self
+                .accept_retry_at_ms
+                .is_some_and(|at| self.core.now_ms >= at)
+            {
+                self.accept_retry_at_ms = None;
+                self.accept_all();
+            }
             self.expire_timers();
             if self.core.stopping && shutdown_deadline_ms.is_none() {
                 self.begin_shutdown();
@@ -546,6 +573,10 @@ impl<H: Handler> EventLoop<H> {
         }
         if self.core.stopping {
             timeout = Some(timeout.map_or(TICK_MS, |t| t.min(TICK_MS)));
+        }
+        if let Some(at) = self.accept_retry_at_ms {
+            let wait = at.saturating_sub(now);
+            timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
         }
         timeout.map(Duration::from_millis)
     }
@@ -602,12 +633,14 @@ impl<H: Handler> EventLoop<H> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: the pending connection stays in the backlog; the
-                    // next connection attempt wakes us again.
+                    // EMFILE and friends: the pending connections stay in the backlog and,
+                    // edge-triggered, nothing would wake us for them: retry shortly.
                     self.log_limit(
                         AcceptRefusal::AcceptError,
                         format_args!("accept failed: {e}"),
                     );
+                    let now = self.core.start.elapsed().as_millis() as u64;
+                    self.accept_retry_at_ms = Some(now + ACCEPT_RETRY_MS);
                     return;
                 }
             };

@@ -24,3 +24,33 @@ pub fn bind(addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)?;
     Ok(mio::net::TcpListener::from_std(socket.into()))
 }
+
+/// Descriptors kept free beyond connections: the listener, epoll, the waker, the signal pipe,
+/// log and snapshot files, and a margin for the odd extra (a tokens file read on SIGHUP).
+pub const FDS_RESERVED: u64 = 64;
+
+/// Raises this process's open-file soft limit to its hard limit (servers hold one descriptor
+/// per connection) and returns how many connections fit under it, `FDS_RESERVED` kept aside.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read or write the `rlimit` struct we pass, which lives
+    // on our stack for the duration of each call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    Ok(limit.rlim_cur.saturating_sub(FDS_RESERVED))
+}
