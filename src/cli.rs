@@ -94,7 +94,7 @@ const FLAGS: &[Flag] = &[
         name: "--max-connections-per-ip",
         env: "STOCKSYNC_MAX_CONNECTIONS_PER_IP",
         value: "N",
-        help: "open connections per client IP (default 10000)",
+        help: "open connections per client IP (default 100000, the total limit: set it when clients connect directly, not through a proxy)",
     },
     Flag {
         name: "--max-message-bytes",

@@ -14,6 +14,9 @@ pub struct Limits {
     /// Open connections per process; above it new sockets are closed at once and counted.
     pub connections_max: usize,
     /// Open connections per client IP; above it new sockets from that IP are closed and counted.
+    /// The default equals the total limit: behind a load balancer or a NAT many clients share
+    /// one address, so a tighter default would refuse legitimate traffic; internet-facing
+    /// servers should set it (`--max-connections-per-ip`).
     pub connections_per_ip_max: usize,
     /// Unconsumed input held for one connection (a partial frame or request). Past it the
     /// connection is closed: the protocol layers refuse larger messages before this is reached.
@@ -56,7 +59,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             connections_max: 100_000,
-            connections_per_ip_max: 10_000,
+            connections_per_ip_max: 100_000,
             read_buffer_bytes_max: 1024 * 1024 + 64 * 1024,
             send_queue_high_bytes: 256 * 1024,
             send_queue_low_bytes: 64 * 1024,
