@@ -14,11 +14,15 @@
 //!   slot is reused while events for it are still in the batch.
 
 pub mod connection;
+pub mod ctx;
 pub mod event_loop;
+pub mod handler;
 pub mod listener;
 pub mod send_queue;
 pub mod timer;
 
 pub use connection::{CloseReason, ConnId, ConnState};
-pub use event_loop::{Ctx, EventLoop, Handler, LoopStats, Pressure, SendStatus};
+pub use ctx::Ctx;
+pub use event_loop::EventLoop;
+pub use handler::{Handler, LoopStats, Pressure, SendStatus};
 pub use send_queue::Frame;

@@ -1,0 +1,254 @@
+//! [`Ctx`]: the handler's view of the loop during a callback — sending shared frames,
+//! closing, deadlines — and the loop state it borrows.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use mio::Registry;
+use slab::Slab;
+
+use super::connection::{CloseReason, ConnId, ConnState, Connection};
+use super::handler::{LoopStats, Pressure, SendStatus};
+use super::send_queue::Frame;
+use super::timer::{Entry, TimerWheel};
+use crate::config::Limits;
+
+/// Loop state besides the connections, borrowed by [`Ctx`].
+pub(super) struct Core {
+    pub(super) registry: Registry,
+    pub(super) limits: Limits,
+    pub(super) start: Instant,
+    pub(super) now_ms: u64,
+    pub(super) next_generation: u32,
+    pub(super) flush_list: Vec<u32>,
+    pub(super) read_list: Vec<u32>,
+    pub(super) reap_list: Vec<u32>,
+    pub(super) pressure_list: Vec<(ConnId, Pressure)>,
+    pub(super) drain_list: Vec<ConnId>,
+    pub(super) timers: TimerWheel,
+    pub(super) per_ip: HashMap<IpAddr, u32>,
+    pub(super) stats: LoopStats,
+    pub(super) stopping: bool,
+    /// When each refused-accept cause (see `AcceptRefusal`) was last logged.
+    pub(super) last_limit_log_ms: [u64; 3],
+}
+
+/// The handler's view of the loop during a callback.
+pub struct Ctx<'a> {
+    pub(super) conns: &'a mut Slab<Connection>,
+    pub(super) core: &'a mut Core,
+}
+
+impl Ctx<'_> {
+    fn conn(&self, id: ConnId) -> Option<&Connection> {
+        self.conns
+            .get(id.index as usize)
+            .filter(|c| c.generation == id.generation)
+    }
+
+    /// Milliseconds since the loop started (monotonic), as of this iteration.
+    pub fn now_ms(&self) -> u64 {
+        self.core.now_ms
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.core.limits
+    }
+
+    pub fn stats(&self) -> &LoopStats {
+        &self.core.stats
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_open(&self, id: ConnId) -> bool {
+        self.conn(id).is_some_and(|c| c.state == ConnState::Open)
+    }
+
+    pub fn peer(&self, id: ConnId) -> Option<SocketAddr> {
+        self.conn(id)
+            .map(|c| SocketAddr::new(c.peer_ip, c.peer_port))
+    }
+
+    pub fn queued_bytes(&self, id: ConnId) -> usize {
+        self.conn(id).map_or(0, |c| c.send_queue.bytes())
+    }
+
+    /// The connection's backlog passed the hard limit: it is about to be closed, so nothing
+    /// more should be done for it (no further requests answered).
+    pub fn is_over_limit(&self, id: ConnId) -> bool {
+        self.conn(id).is_some_and(|c| c.over_hard_limit)
+    }
+
+    pub fn is_full(&self, id: ConnId) -> bool {
+        self.conn(id).is_some_and(|c| c.above_high_mark)
+    }
+
+    /// Every connection still open (for shutdown).
+    pub fn open_ids(&self) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.state == ConnState::Open)
+            .map(|(i, c)| ConnId {
+                index: i as u32,
+                generation: c.generation,
+            })
+            .collect()
+    }
+
+    /// Queues a frame, whatever the connection's pressure (replies are never dropped).
+    pub fn send(&mut self, id: ConnId, frame: Frame) -> SendStatus {
+        self.enqueue(id, &frame, false)
+    }
+
+    /// Queues a clone of `frame` only if the connection is below its high mark: broadcasts use
+    /// this and conflate when it answers `Full`. No clone is made unless it is queued.
+    pub fn send_unless_full(&mut self, id: ConnId, frame: &Frame) -> SendStatus {
+        self.enqueue(id, frame, true)
+    }
+
+    /// The one enqueue path: a single slab lookup, since this runs once per subscriber per
+    /// broadcast.
+    fn enqueue(&mut self, id: ConnId, frame: &Frame, unless_full: bool) -> SendStatus {
+        let core = &mut *self.core;
+        let Some(conn) = self
+            .conns
+            .get_mut(id.index as usize)
+            .filter(|c| c.generation == id.generation)
+        else {
+            return SendStatus::Closed;
+        };
+        if conn.state != ConnState::Open {
+            return SendStatus::Closed;
+        }
+        if unless_full && conn.above_high_mark {
+            return SendStatus::Full;
+        }
+        let frame = frame.clone();
+        // The hard limit is on backlog: a frame queued behind more than the limit trips it, so
+        // one large reply (a `*` snapshot of many SKUs) to a reader that keeps up is fine.
+        let backlog_over_hard = conn.send_queue.bytes() > core.limits.send_queue_bytes_max
+            || conn.send_queue.len() >= core.limits.send_queue_frames_max;
+        conn.send_queue.push(frame);
+        // A connection waiting for writability is flushed by its WRITABLE event; trying it
+        // every iteration would only repeat a write the kernel refuses with EAGAIN.
+        if !conn.flush_pending && !conn.write_registered {
+            conn.flush_pending = true;
+            core.flush_list.push(id.index);
+        }
+        let bytes = conn.send_queue.bytes();
+        if !conn.above_high_mark && bytes > core.limits.send_queue_high_bytes {
+            conn.above_high_mark = true;
+            core.pressure_list.push((id, Pressure::High));
+        }
+        if backlog_over_hard && !conn.over_hard_limit {
+            conn.over_hard_limit = true;
+            core.pressure_list.push((id, Pressure::Hard));
+        }
+        if conn.above_high_mark {
+            SendStatus::Full
+        } else {
+            SendStatus::Queued
+        }
+    }
+
+    /// Queues `frame` even on a closing connection (its last words: a close frame), bypassing
+    /// every mark. Used once per connection, so it cannot grow a queue without bound.
+    pub fn send_final(&mut self, id: ConnId, frame: Frame) {
+        let core = &mut *self.core;
+        if let Some(conn) = self.conns.get_mut(id.index as usize) {
+            if conn.generation != id.generation || conn.state != ConnState::Open {
+                return;
+            }
+            conn.send_queue.push(frame);
+            if !conn.flush_pending {
+                conn.flush_pending = true;
+                core.flush_list.push(id.index);
+            }
+        }
+    }
+
+    /// Stops delivering input, flushes what is queued, then shuts the write side and closes.
+    pub fn close(&mut self, id: ConnId) {
+        let linger = self.core.limits.close_linger_ms;
+        let now = self.core.now_ms;
+        let core = &mut *self.core;
+        let Some(conn) = self
+            .conns
+            .get_mut(id.index as usize)
+            .filter(|c| c.generation == id.generation)
+        else {
+            return;
+        };
+        if conn.state != ConnState::Open {
+            return;
+        }
+        conn.state = ConnState::Closing;
+        conn.close_reason = Some(CloseReason::Local);
+        if !conn.flush_pending {
+            conn.flush_pending = true;
+            core.flush_list.push(id.index);
+        }
+        arm(core, id, conn, now + linger);
+    }
+
+    /// Closes at once, discarding anything queued.
+    pub fn abort(&mut self, id: ConnId, reason: CloseReason) {
+        let core = &mut *self.core;
+        if let Some(conn) = self
+            .conns
+            .get_mut(id.index as usize)
+            .filter(|c| c.generation == id.generation)
+        {
+            mark_closed(core, id.index, conn, reason);
+        }
+    }
+
+    /// Asks for [`Handler::on_timer`] at `at_ms` (loop time). One deadline per connection: a
+    /// new one replaces the old. Cheap when moved later, which is the common case.
+    pub fn set_deadline_ms(&mut self, id: ConnId, at_ms: u64) {
+        let core = &mut *self.core;
+        if let Some(conn) = self
+            .conns
+            .get_mut(id.index as usize)
+            .filter(|c| c.generation == id.generation)
+        {
+            if conn.state == ConnState::Open {
+                arm(core, id, conn, at_ms);
+            }
+        }
+    }
+
+    /// Begins a graceful shutdown, as SIGTERM does.
+    pub fn stop(&mut self) {
+        self.core.stopping = true;
+    }
+}
+
+pub(super) fn arm(core: &mut Core, id: ConnId, conn: &mut Connection, at_ms: u64) {
+    let tick = TimerWheel::tick_of_ms(at_ms).max(1);
+    conn.deadline_tick = tick;
+    if conn.armed_tick == 0 || tick < conn.armed_tick {
+        conn.armed_tick = tick;
+        core.timers.schedule(Entry {
+            index: id.index,
+            generation: id.generation,
+            tick,
+        });
+    }
+}
+
+pub(super) fn mark_closed(core: &mut Core, index: u32, conn: &mut Connection, reason: CloseReason) {
+    if conn.state == ConnState::Closed {
+        return;
+    }
+    conn.state = ConnState::Closed;
+    // A close we asked for that ended at the peer's FIN is still ours.
+    if conn.close_reason.is_none() || reason != CloseReason::Peer {
+        conn.close_reason = Some(reason);
+    }
+    core.reap_list.push(index);
+}
