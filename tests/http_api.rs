@@ -511,3 +511,32 @@ fn a_write_over_http_reaches_websocket_subscribers() {
     assert_eq!(update["stock"]["reserved"], 3);
     assert_eq!(update["stock"]["version"], 2);
 }
+
+/// `Expect: 100-continue` (curl's default for larger bodies): the server answers the head with
+/// `100 Continue`, once, then the final response after the body.
+#[test]
+fn expect_100_continue_gets_an_interim_response_before_the_body() {
+    let server = Server::start(&[]);
+    let mut stream = raw(server.addr);
+    let body = r#"{"action":"set","quantity":7}"#;
+    let head = format!(
+        "POST /stock/sku-c HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(body.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&response).contains(r#""version":1"#) {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&response));
+        response.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(!text.contains("100 Continue"), "sent twice: {text}");
+}

@@ -16,9 +16,11 @@ use crate::ws::frame::{self, OpCode};
 use crate::ws::handshake;
 
 enum Phase {
-    /// Waiting for (more) HTTP requests; `served` counts the ones answered so far.
+    /// Waiting for (more) HTTP requests; `served` counts the ones answered so far, and
+    /// `continued` whether the request in progress got its `100 Continue`.
     Http {
         served: u32,
+        continued: bool,
     },
     WebSocket {
         decoder: Decoder,
@@ -105,8 +107,9 @@ impl<S: Service> Protocol<S> {
             return;
         }
         if let Some(Some(state)) = self.conns.get_mut(id.index as usize) {
-            if let Phase::Http { served } = &mut state.phase {
+            if let Phase::Http { served, continued } = &mut state.phase {
                 *served = served.saturating_add(1);
+                *continued = false;
             }
         }
         cx.set_deadline_ms(id, now + cx.limits().idle_timeout_ms);
@@ -209,7 +212,10 @@ impl<S: Service> Handler for Protocol<S> {
         }
         let now = cx.now_ms();
         self.conns[index] = Some(ConnProto {
-            phase: Phase::Http { served: 0 },
+            phase: Phase::Http {
+                served: 0,
+                continued: false,
+            },
             last_input_ms: now,
         });
         // Slowloris: the first request (or upgrade) must be complete within this.
@@ -226,23 +232,35 @@ impl<S: Service> Handler for Protocol<S> {
             };
             state.last_input_ms = now;
             match &mut state.phase {
-                Phase::Http { .. } => match request::parse(&data[consumed..], &self.http_limits) {
-                    Ok(None) => break,
-                    Ok(Some((req, used))) => {
-                        consumed += used;
-                        self.handle_request(cx, id, req);
-                    }
-                    Err(e) => {
-                        debug!("{id} bad HTTP request: {e}");
-                        if matches!(e.status(), 413 | 431) {
-                            self.service.on_limit(cx, id, Limit::RequestTooLarge);
+                Phase::Http { continued, .. } => {
+                    match request::parse(&data[consumed..], &self.http_limits) {
+                        Ok(None) => {
+                            // RFC 9110 §10.1.1: a client that asked may wait for this before
+                            // sending the body (curl does, for a second).
+                            if !*continued
+                                && request::expects_continue(&data[consumed..], &self.http_limits)
+                            {
+                                *continued = true;
+                                cx.send(id, Frame::from(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]));
+                            }
+                            break;
                         }
-                        let response = Response::json(e.status(), http_error_body(&e)).close();
-                        cx.send(id, Frame::from(response.to_bytes()));
-                        cx.close(id);
-                        return data.len();
+                        Ok(Some((req, used))) => {
+                            consumed += used;
+                            self.handle_request(cx, id, req);
+                        }
+                        Err(e) => {
+                            debug!("{id} bad HTTP request: {e}");
+                            if matches!(e.status(), 413 | 431) {
+                                self.service.on_limit(cx, id, Limit::RequestTooLarge);
+                            }
+                            let response = Response::json(e.status(), http_error_body(&e)).close();
+                            cx.send(id, Frame::from(response.to_bytes()));
+                            cx.close(id);
+                            return data.len();
+                        }
                     }
-                },
+                }
                 Phase::Done => return data.len(),
                 Phase::WebSocket { decoder, .. } => {
                     match decoder.decode(&mut data[consumed..]) {
@@ -327,7 +345,7 @@ impl<S: Service> Handler for Protocol<S> {
             return;
         };
         match &mut state.phase {
-            Phase::Http { served: 0 } => {
+            Phase::Http { served: 0, .. } => {
                 debug!("{id} handshake timeout");
                 self.service.on_limit(cx, id, Limit::HandshakeTimeout);
                 let response = Response::text(408, "request timeout\n").close();
