@@ -211,7 +211,23 @@ pub struct Decoder {
     /// words; `None` whenever no fragmented message is open, except between delivering one and the
     /// next call to [`Decoder::decode`], which frees it (the delivered message borrows it until then).
     fragments: Option<Box<Fragments>>,
+    /// Fail fast on invalid UTF-8 (RFC 6455 §8.1): how far the text frame at the front of the
+    /// caller's buffer, still incomplete, has been checked already, so each call checks only the
+    /// bytes that arrived since. `None` unless such a frame is waiting for its payload.
+    peek: Option<Box<Peek>>,
 }
+
+#[derive(Clone, Copy, Debug)]
+struct Peek {
+    /// Payload bytes of the incomplete frame already checked.
+    checked: usize,
+    /// The character cut off where checking stopped.
+    tail: Utf8Tail,
+}
+
+/// Bytes unmasked at a time into a stack buffer while peeking (the caller's buffer must stay
+/// untouched until the whole frame is there).
+const PEEK_CHUNK_BYTES: usize = 512;
 
 #[derive(Clone, Debug)]
 struct Fragments {
@@ -247,6 +263,7 @@ impl Decoder {
         Decoder {
             message_bytes_max,
             fragments: None,
+            peek: None,
         }
     }
 
@@ -304,8 +321,10 @@ impl Decoder {
         // that large plus a 14-byte header would not fit in memory anyway; saturate to stay safe.
         let frame_bytes = header_bytes.saturating_add(payload_len);
         if buf.len() < frame_bytes {
+            self.peek_text(&header, key, &buf[header_bytes..])?;
             return Ok(None);
         }
+        self.peek = None;
         let payload = &mut buf[header_bytes..frame_bytes];
         apply_mask(payload, key);
         let payload: &'a [u8] = payload;
@@ -355,6 +374,52 @@ impl Decoder {
             }
         };
         Ok(Some((frame_bytes, Some(message))))
+    }
+
+    /// Checks the part of an incomplete text frame's payload that has arrived, so invalid UTF-8
+    /// fails the connection at once instead of after the rest of a large frame (Autobahn 6.4.x
+    /// "fail fast"). Works on an unmasked copy: `buf` stays as it was.
+    fn peek_text(
+        &mut self,
+        header: &FrameHeader,
+        key: [u8; 4],
+        available: &[u8],
+    ) -> Result<(), ProtocolError> {
+        let starting_tail = match (header.opcode, self.fragments.as_deref()) {
+            (OpCode::Text, _) => Utf8Tail::default(),
+            (
+                OpCode::Continuation,
+                Some(Fragments {
+                    assembly: Assembly::Text { tail, .. },
+                    delivered: false,
+                }),
+            ) => *tail,
+            _ => return Ok(()),
+        };
+        let peek = self.peek.get_or_insert_with(|| {
+            Box::new(Peek {
+                checked: 0,
+                tail: starting_tail,
+            })
+        });
+        let mut scratch = [0u8; PEEK_CHUNK_BYTES];
+        let mut sink = Discard(peek.checked);
+        while peek.checked < available.len() {
+            let at = peek.checked;
+            let n = (available.len() - at).min(PEEK_CHUNK_BYTES);
+            scratch[..n].copy_from_slice(&available[at..at + n]);
+            // The mask key is applied by payload offset (RFC 6455 §5.3): rotate it to `at`.
+            let rotated = [
+                key[at % 4],
+                key[(at + 1) % 4],
+                key[(at + 2) % 4],
+                key[(at + 3) % 4],
+            ];
+            apply_mask(&mut scratch[..n], rotated);
+            push_text(&mut sink, &mut peek.tail, &scratch[..n])?;
+            peek.checked += n;
+        }
+        Ok(())
     }
 
     /// Checks what the header alone can tell against the decoder's state, and returns the payload
@@ -481,7 +546,39 @@ fn growth(len: usize, capacity: usize, additional: usize, bytes_max: usize) -> O
 /// Only complete characters go into `text`, each validated once with `str::from_utf8`; a character
 /// split across fragments waits in `tail`. `Utf8Error::error_len() == None` is how `from_utf8` says
 /// "incomplete, could still become valid" as opposed to "invalid".
-fn push_text(text: &mut String, tail: &mut Utf8Tail, mut data: &[u8]) -> Result<(), ProtocolError> {
+/// Where validated text goes: the message being assembled, or nowhere (a fail-fast check of a
+/// frame that has not fully arrived).
+trait TextSink {
+    fn push_str(&mut self, text: &str);
+    fn len(&self) -> usize;
+}
+
+impl TextSink for String {
+    fn push_str(&mut self, text: &str) {
+        String::push_str(self, text);
+    }
+    fn len(&self) -> usize {
+        String::len(self)
+    }
+}
+
+/// Counts validated bytes and keeps none of them.
+struct Discard(usize);
+
+impl TextSink for Discard {
+    fn push_str(&mut self, text: &str) {
+        self.0 += text.len();
+    }
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+fn push_text<S: TextSink>(
+    text: &mut S,
+    tail: &mut Utf8Tail,
+    mut data: &[u8],
+) -> Result<(), ProtocolError> {
     if tail.len > 0 {
         // Finish the character left over from the previous fragment.
         let width = utf8_sequence_len(tail.bytes[0]);
@@ -687,10 +784,55 @@ mod tests {
     #[test]
     fn idle_decoder_is_small() {
         assert!(std::mem::size_of::<Decoder>() <= DECODER_BYTES_MAX);
+        // The limit and two boxes that are `None` while idle: nothing on the heap.
         assert_eq!(
             std::mem::size_of::<Decoder>(),
-            2 * std::mem::size_of::<usize>()
+            3 * std::mem::size_of::<usize>()
         );
+        assert!(Decoder::new(100).peek.is_none());
+    }
+
+    /// Autobahn 6.4.3/6.4.4: invalid UTF-8 in a text frame whose payload is still arriving fails
+    /// as soon as the bad bytes are in, not after the whole frame; valid prefixes never do.
+    #[test]
+    fn invalid_utf8_fails_before_an_incomplete_frame_has_arrived() {
+        let mut text = "κόσμε ".repeat(40).into_bytes();
+        let bad_at = 37; // inside the payload, far from its end
+        text[bad_at] = 0xff;
+        let mut bytes = frame(true, OpCode::Text, &text);
+        let header_len = bytes.len() - text.len();
+        let mut decoder = Decoder::new(10_000);
+        // Everything before the bad byte: nothing wrong yet, nothing consumed.
+        for end in header_len..header_len + bad_at {
+            let mut prefix = bytes[..end].to_vec();
+            assert!(
+                matches!(decoder.decode(&mut prefix), Ok(None)),
+                "prefix of {end}"
+            );
+            assert_eq!(prefix, bytes[..end], "the caller's bytes are untouched");
+        }
+        // The bad byte has arrived, the rest of the frame has not.
+        let err = decoder
+            .decode(&mut bytes[..header_len + bad_at + 1])
+            .unwrap_err();
+        assert!(matches!(err, ProtocolError::InvalidUtf8 { .. }), "{err:?}");
+        assert_eq!(err.close_code(), close::INVALID_PAYLOAD);
+
+        // A continuation frame of a text message is checked from where the message stands: a
+        // character split between fragments is fine, a bad one fails early.
+        let mut decoder = Decoder::new(10_000);
+        let first = "ab\u{20AC}".as_bytes(); // '€' is 3 bytes; send 1 of them here
+        let mut opening = frame(false, OpCode::Text, &first[..3]);
+        assert!(matches!(decoder.decode(&mut opening), Ok(Some((_, None)))));
+        let mut rest = first[3..].to_vec();
+        rest.extend_from_slice(&[b'x'; 200]);
+        let mut cont = frame(true, OpCode::Continuation, &rest);
+        let cont_header = cont.len() - rest.len();
+        let mut partial = cont[..cont_header + 10].to_vec();
+        assert!(matches!(decoder.decode(&mut partial), Ok(None)));
+        cont[cont_header + 150] ^= 0x80; // 'x' (0x78) becomes 0xf8: never valid in UTF-8
+        let err = decoder.decode(&mut cont[..cont_header + 151]).unwrap_err();
+        assert!(matches!(err, ProtocolError::InvalidUtf8 { .. }), "{err:?}");
     }
 
     #[test]
