@@ -413,6 +413,9 @@ impl StockService {
             }
         }
         self.overlay.clear();
+        // The log reuses the failed sequence numbers: later replies must not wait for ones
+        // that will now name other records.
+        self.last_seq = self.last_seq.min(failed_from.saturating_sub(1));
         let count = changes.len();
         // SKUs the failed changes interned; forgotten once at the end (two changes may name
         // the same SKU, and forgetting a slot twice would touch a dead one).
