@@ -114,11 +114,7 @@ impl Ctx<'_> {
     /// broadcast.
     fn enqueue(&mut self, id: ConnId, frame: &Frame, unless_full: bool) -> SendStatus {
         let core = &mut *self.core;
-        let Some(conn) = self
-            .conns
-            .get_mut(id.index as usize)
-            .filter(|c| c.generation == id.generation)
-        else {
+        let Some(conn) = live_mut(self.conns, id) else {
             return SendStatus::Closed;
         };
         if conn.state != ConnState::Open {
@@ -159,8 +155,8 @@ impl Ctx<'_> {
     /// every mark. Used once per connection, so it cannot grow a queue without bound.
     pub fn send_final(&mut self, id: ConnId, frame: Frame) {
         let core = &mut *self.core;
-        if let Some(conn) = self.conns.get_mut(id.index as usize) {
-            if conn.generation != id.generation || conn.state != ConnState::Open {
+        if let Some(conn) = live_mut(self.conns, id) {
+            if conn.state != ConnState::Open {
                 return;
             }
             conn.send_queue.push(frame);
@@ -176,11 +172,7 @@ impl Ctx<'_> {
         let linger = self.core.limits.close_linger_ms;
         let now = self.core.now_ms;
         let core = &mut *self.core;
-        let Some(conn) = self
-            .conns
-            .get_mut(id.index as usize)
-            .filter(|c| c.generation == id.generation)
-        else {
+        let Some(conn) = live_mut(self.conns, id) else {
             return;
         };
         if conn.state != ConnState::Open {
@@ -198,11 +190,7 @@ impl Ctx<'_> {
     /// Closes at once, discarding anything queued.
     pub fn abort(&mut self, id: ConnId, reason: CloseReason) {
         let core = &mut *self.core;
-        if let Some(conn) = self
-            .conns
-            .get_mut(id.index as usize)
-            .filter(|c| c.generation == id.generation)
-        {
+        if let Some(conn) = live_mut(self.conns, id) {
             mark_closed(core, id.index, conn, reason);
         }
     }
@@ -211,11 +199,7 @@ impl Ctx<'_> {
     /// new one replaces the old. Cheap when moved later, which is the common case.
     pub fn set_deadline_ms(&mut self, id: ConnId, at_ms: u64) {
         let core = &mut *self.core;
-        if let Some(conn) = self
-            .conns
-            .get_mut(id.index as usize)
-            .filter(|c| c.generation == id.generation)
-        {
+        if let Some(conn) = live_mut(self.conns, id) {
             if conn.state == ConnState::Open {
                 arm(core, id, conn, at_ms);
             }
@@ -226,6 +210,13 @@ impl Ctx<'_> {
     pub fn stop(&mut self) {
         self.core.stopping = true;
     }
+}
+
+/// The connection `id` names, if it is still the one in its slot.
+fn live_mut(conns: &mut Slab<Connection>, id: ConnId) -> Option<&mut Connection> {
+    conns
+        .get_mut(id.index as usize)
+        .filter(|c| c.generation == id.generation)
 }
 
 pub(super) fn arm(core: &mut Core, id: ConnId, conn: &mut Connection, at_ms: u64) {
