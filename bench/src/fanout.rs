@@ -223,16 +223,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
         stalls: 0,
     };
     let open_deadline = Instant::now() + Duration::from_secs(120);
-    let subscribe = {
-        let mut frame = Vec::new();
-        wire::encode_client_frame(
-            &mut frame,
-            wire::OPCODE_TEXT,
-            br#"{"type":"subscribe","skus":["*"]}"#,
-            [1, 2, 3, 4],
-        );
-        frame
-    };
+    let subscribe = wire::subscribe_all_frame([1, 2, 3, 4]);
     let opened = pool::open_many(
         &mut looper,
         &mut conns,

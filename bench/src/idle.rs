@@ -47,13 +47,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
     let rss_before = stats::resident_bytes_sum(&pids);
     let mut looper = Looper::new()?;
     let mut conns: Vec<Conn<()>> = Vec::with_capacity(count);
-    let mut subscribe_frame = Vec::new();
-    wire::encode_client_frame(
-        &mut subscribe_frame,
-        wire::OPCODE_TEXT,
-        br#"{"type":"subscribe","skus":["*"]}"#,
-        [9, 8, 7, 6],
-    );
+    let subscribe_frame = wire::subscribe_all_frame([9, 8, 7, 6]);
     let opened = pool::open_many(
         &mut looper,
         &mut conns,

@@ -56,6 +56,18 @@ pub fn parse_response_head(buf: &[u8]) -> ResponseHead {
     }
 }
 
+/// The benchmark contract's subscribe-to-everything message, as a masked client frame.
+pub fn subscribe_all_frame(key: [u8; 4]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    encode_client_frame(
+        &mut frame,
+        OPCODE_TEXT,
+        br#"{"type":"subscribe","skus":["*"]}"#,
+        key,
+    );
+    frame
+}
+
 /// Appends a masked client frame (RFC 6455 §5.2, §5.3) with FIN set.
 pub fn encode_client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
     out.push(0x80 | opcode);
