@@ -56,6 +56,15 @@ pub trait Service {
     /// counting and rate-limited logging.
     fn on_limit(&mut self, _cx: &mut Ctx<'_>, _id: ConnId, _limit: Limit) {}
     fn on_wake(&mut self, _cx: &mut Ctx<'_>) {}
+    /// Readiness of an outbound connection the service opened (see [`crate::net::outbound`]).
+    fn on_outbound(
+        &mut self,
+        _cx: &mut Ctx<'_>,
+        _id: crate::net::OutboundId,
+        _readable: bool,
+        _writable: bool,
+    ) {
+    }
     fn on_reload(&mut self, _cx: &mut Ctx<'_>) {}
     fn before_sleep(&mut self, _cx: &mut Ctx<'_>) {}
     fn can_exit(&self) -> bool {

@@ -376,6 +376,16 @@ impl<S: Service> Handler for Protocol<S> {
         self.service.on_wake(cx);
     }
 
+    fn on_outbound(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        id: crate::net::OutboundId,
+        readable: bool,
+        writable: bool,
+    ) {
+        self.service.on_outbound(cx, id, readable, writable);
+    }
+
     fn on_reload(&mut self, cx: &mut Ctx<'_>) {
         self.service.on_reload(cx);
     }

@@ -10,6 +10,7 @@ use slab::Slab;
 
 use super::connection::{CloseReason, ConnId, ConnState, Connection};
 use super::handler::{LoopStats, Pressure, SendStatus};
+use super::outbound::{OutboundId, OutboundSet};
 use super::send_queue::Frame;
 use super::timer::{Entry, TimerWheel};
 use crate::config::Limits;
@@ -32,6 +33,7 @@ pub(super) struct Core {
     pub(super) stopping: bool,
     /// When each refused-accept cause (see `AcceptRefusal`) was last logged.
     pub(super) last_limit_log_ms: [u64; 3],
+    pub(super) outbound: OutboundSet,
 }
 
 /// The handler's view of the loop during a callback.
@@ -204,6 +206,24 @@ impl Ctx<'_> {
                 arm(core, id, conn, at_ms);
             }
         }
+    }
+
+    /// Opens an outbound connection (non-blocking); its readiness arrives at
+    /// [`Handler::on_outbound`](super::Handler::on_outbound).
+    pub fn connect(&mut self, addr: SocketAddr) -> std::io::Result<OutboundId> {
+        let core = &mut *self.core;
+        core.outbound.connect(&core.registry, addr)
+    }
+
+    /// The socket of a live outbound connection, to read and write until `WouldBlock`.
+    pub fn outbound(&mut self, id: OutboundId) -> Option<&mut mio::net::TcpStream> {
+        self.core.outbound.get_mut(id)
+    }
+
+    /// Closes an outbound connection at once; no further events arrive for `id`.
+    pub fn disconnect(&mut self, id: OutboundId) {
+        let core = &mut *self.core;
+        core.outbound.disconnect(&core.registry, id);
     }
 
     /// Begins a graceful shutdown, as SIGTERM does.

@@ -134,6 +134,7 @@ impl<H: Handler> EventLoop<H> {
                 stats: LoopStats::default(),
                 stopping: false,
                 last_limit_log_ms: [0; 3],
+                outbound: super::outbound::OutboundSet::default(),
             },
             read_buf: vec![0; READ_CHUNK_BYTES],
             timer_out: Vec::new(),
@@ -206,6 +207,11 @@ impl<H: Handler> EventLoop<H> {
                     LISTENER => self.accept_all(),
                     WAKER => self.guarded_global(|h, cx| h.on_wake(cx)),
                     SIGNALS => self.read_signals(),
+                    Token(index) if index >= super::outbound::OUTBOUND_TOKEN_BASE => {
+                        if let Some(id) = self.core.outbound.id_of(index) {
+                            self.guarded_global(|h, cx| h.on_outbound(cx, id, readable, writable));
+                        }
+                    }
                     Token(index) => {
                         if writable {
                             self.flush(index as u32);

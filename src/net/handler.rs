@@ -3,6 +3,7 @@
 
 use super::connection::{CloseReason, ConnId};
 use super::ctx::Ctx;
+use super::outbound::OutboundId;
 
 /// What happened to a frame handed to [`Ctx::send`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,6 +41,16 @@ pub trait Handler {
     fn on_buffer_drain(&mut self, _cx: &mut Ctx<'_>, _id: ConnId) {}
     /// The deadline set with [`Ctx::set_deadline_ms`] has passed.
     fn on_timer(&mut self, _cx: &mut Ctx<'_>, _id: ConnId) {}
+    /// An outbound connection opened with [`Ctx::connect`] is readable and/or writable (or
+    /// failed: the next read or write says how). Read and write until `WouldBlock`.
+    fn on_outbound(
+        &mut self,
+        _cx: &mut Ctx<'_>,
+        _id: OutboundId,
+        _readable: bool,
+        _writable: bool,
+    ) {
+    }
     /// The loop's [`Waker`] was woken (another thread has results for us).
     fn on_wake(&mut self, _cx: &mut Ctx<'_>) {}
     /// SIGHUP (reload).

@@ -18,6 +18,7 @@ pub mod ctx;
 pub mod event_loop;
 pub mod handler;
 pub mod listener;
+pub mod outbound;
 pub mod send_queue;
 pub mod timer;
 
@@ -25,4 +26,5 @@ pub use connection::{CloseReason, ConnId, ConnState};
 pub use ctx::Ctx;
 pub use event_loop::EventLoop;
 pub use handler::{Handler, LoopStats, Pressure, SendStatus};
+pub use outbound::OutboundId;
 pub use send_queue::Frame;
