@@ -12,6 +12,7 @@ pub mod app;
 pub mod broadcast;
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod http;
 pub mod net;
 pub mod server;

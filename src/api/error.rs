@@ -68,6 +68,18 @@ impl ErrorCode {
 
     /// PROTOCOL.md "HTTP API": 400 malformed/invalid, 401, 404, 405, 409 stock rules and
     /// version conflict, 413, 429, 503.
+    /// Codes of the stock rules (counted per op in the metrics, like successes).
+    pub fn is_stock_rule(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::InvalidChange
+                | ErrorCode::InsufficientStock
+                | ErrorCode::InsufficientReserved
+                | ErrorCode::BelowReserved
+                | ErrorCode::VersionConflict
+        )
+    }
+
     pub fn http_status(self) -> u16 {
         match self {
             ErrorCode::BadRequest

@@ -2,7 +2,9 @@
 //! fan-out with conflation for slow consumers.
 
 pub mod fanout;
+pub mod sent;
 pub mod subscriptions;
 
 pub use fanout::Fanout;
+pub use sent::SentVersions;
 pub use subscriptions::Subscriptions;

@@ -213,7 +213,7 @@ impl StockService {
             Frame::from(response.to_bytes())
         }));
         self.outbox.push_back(Outgoing::Reply {
-            seq: self.last_seq,
+            seq: self.engine.last_ticket(),
             to: id,
             body,
             close_after: !keep_alive,
@@ -222,36 +222,47 @@ impl StockService {
     }
 
     fn health(&self, cx: &Ctx<'_>) -> Response {
-        let refusing = self.log.refusing();
-        let body = serde_json::json!({
+        let status = self.engine.status();
+        let refusing = status.refusing;
+        let mut body = serde_json::json!({
             "status": if refusing.is_none() { "ok" } else { "unavailable" },
+            "pid": std::process::id(),
+            "engine": self.engine.kind(),
+            "writable": refusing.is_none(),
+            "reason": refusing,
             "role": self.config.role_name,
             "uptime_seconds": self.uptime_secs(cx),
             "connections": cx.connection_count(),
             "store": {
-                "skus": self.store.known_len(),
+                "skus": self.engine.skus().known_len(),
                 "writable": refusing.is_none(),
                 "reason": refusing,
-                "idempotency_keys": self.keys.len(),
+                "idempotency_keys": status.idempotency_keys,
             },
         });
+        if let Some(fields) = body.as_object_mut() {
+            self.engine.health(fields);
+        }
         let status = if refusing.is_none() { 200 } else { 503 };
         Response::json(status, body.to_string().into_bytes())
     }
 
     fn metrics_text(&self, cx: &Ctx<'_>) -> String {
-        let log_stats = self.log.stats();
-        metrics::render(&Snapshot {
+        let log_stats = self.engine.log_stats();
+        let status = self.engine.status();
+        let mut text = metrics::render(&Snapshot {
             service: &self.metrics,
             loop_stats: cx.stats(),
             fanout: &self.fanout.stats,
             log: &log_stats,
             connections_open: cx.connection_count(),
-            skus_known: self.store.known_len(),
-            idempotency_keys: self.keys.len(),
-            writes_refused: self.log.refusing().is_some(),
+            skus_known: self.engine.skus().known_len(),
+            idempotency_keys: status.idempotency_keys,
+            writes_refused: status.refusing.is_some(),
             uptime_seconds: self.uptime_secs(cx),
-        })
+        });
+        self.engine.render_metrics(&mut text);
+        text
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::api::ErrorCode;
 use crate::broadcast::fanout::FanoutStats;
 use crate::net::LoopStats;
-use crate::stock::Op;
+use crate::stock::Action;
 use crate::wal::LogStats;
 
 /// Upper bounds (seconds) of the ack latency histogram buckets.
@@ -160,10 +160,10 @@ impl Metrics {
     }
 
     /// Counts each op of an accepted (`None`) or refused write.
-    pub fn count_op_result(&mut self, ops: &[Op], error: Option<ErrorCode>) {
+    pub fn count_op_result(&mut self, actions: &[Action], error: Option<ErrorCode>) {
         let result = error.map_or("ok", ErrorCode::as_str);
-        for op in ops {
-            *self.ops.entry((op.action.as_str(), result)).or_insert(0) += 1;
+        for action in actions {
+            *self.ops.entry((action.as_str(), result)).or_insert(0) += 1;
         }
     }
 }

@@ -1,16 +1,15 @@
 //! The stock service: the [`Service`] that serves PROTOCOL.md over WebSocket and HTTP on one
 //! port, on top of the store, the subscription index, the fan-out and the log.
 //!
-//! Visibility rule ("nothing acknowledged is ever lost", and nobody sees what might be):
-//! - A write is applied to the store at once, so later writes are checked against it, and its
-//!   record is appended to the log. Its ack and its broadcast wait in the outbox until the log
-//!   reports the record durable.
-//! - Reads (get, subscribe snapshots, conflated sends, HTTP GET) see only durable state: for a
-//!   SKU with a change in flight, `overlay` holds its last durable state.
+//! The service does not know which engine holds the stock ([`crate::engine`]):
+//! - A write goes to the engine; its ack and its broadcasts wait in the outbox until the
+//!   engine reports its outcome (durable in the log, or applied in Redis).
+//! - Reads (get, subscribe snapshots, conflated sends, HTTP GET) see only what the engine says
+//!   is decided ([`Engine::visible`]).
 //! - Replies to a connection that has something waiting in the outbox queue behind it, so each
 //!   connection sees its replies in the order it asked.
-//! - If the log fails, every change in flight is undone in reverse order and refused with
-//!   `unavailable`; nothing of it was ever visible.
+//! - Changes made elsewhere (another process on a shared engine) join the same fan-out; a
+//!   per-SKU record of the newest version sent keeps every subscriber's view moving forward.
 
 pub mod auth;
 mod commit;
@@ -20,7 +19,7 @@ pub mod metrics;
 pub mod start;
 mod ws_api;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::info;
@@ -28,11 +27,11 @@ use serde_json::Value;
 
 use crate::api::messages::MessageLimits;
 use crate::app::{Service, WsMessage};
-use crate::broadcast::{Fanout, Subscriptions};
+use crate::broadcast::{Fanout, SentVersions, Subscriptions};
+use crate::engine::{Engine, Progress};
 use crate::http::{Request, Response};
 use crate::net::{ConnId, Ctx, Frame, Pressure};
-use crate::stock::{IdempotencyCache, SkuId, Stock, Store};
-use crate::wal::Log;
+use crate::stock::{SkuId, Stock};
 use auth::{Access, Role};
 use commit::{Body, Outgoing};
 use metrics::Metrics;
@@ -99,18 +98,18 @@ struct Session {
 
 pub struct StockService {
     config: ServiceConfig,
-    store: Store,
-    keys: IdempotencyCache,
+    engine: Box<dyn Engine>,
     subs: Subscriptions,
     fanout: Fanout,
-    log: Box<dyn Log>,
-    /// Last durable state and latest in-flight sequence of every SKU with a change in flight.
-    overlay: HashMap<SkuId, (Stock, u64)>,
     outbox: VecDeque<Outgoing>,
+    /// Scratch for [`Engine::poll`], kept for its capacity.
+    progress: Vec<Progress>,
+    /// SKUs of refused writes, forgotten (if unused) after the release that refused them.
+    to_forget: Vec<SkuId>,
+    /// Newest version of each SKU broadcast so far.
+    sent_versions: SentVersions,
     /// `*`-only updates of the current release, sent as one frame run per subscriber.
     wildcard_batch: commit::WildcardBatch,
-    /// Highest sequence number appended to the log.
-    last_seq: u64,
     sessions: Vec<Session>,
     released: Vec<SkuId>,
     /// Per-token write rate windows.
@@ -126,23 +125,17 @@ fn now_secs() -> u64 {
 }
 
 impl StockService {
-    pub fn new(
-        config: ServiceConfig,
-        store: Store,
-        keys: IdempotencyCache,
-        log: Box<dyn Log>,
-    ) -> Self {
+    pub fn new(config: ServiceConfig, engine: Box<dyn Engine>) -> Self {
         StockService {
             config,
-            store,
-            keys,
+            engine,
             subs: Subscriptions::new(),
             fanout: Fanout::new(),
-            log,
-            overlay: HashMap::new(),
             outbox: VecDeque::new(),
+            progress: Vec::new(),
+            to_forget: Vec::new(),
+            sent_versions: SentVersions::default(),
             wildcard_batch: commit::WildcardBatch::default(),
-            last_seq: 0,
             sessions: Vec::new(),
             released: Vec::new(),
             token_rates: auth::TokenRates::default(),
@@ -151,12 +144,8 @@ impl StockService {
         }
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    pub fn log(&self) -> &dyn Log {
-        self.log.as_ref()
+    pub fn engine(&self) -> &dyn Engine {
+        self.engine.as_ref()
     }
 
     /// Replaces the access rules (SIGHUP reload of the tokens file).
@@ -189,16 +178,14 @@ impl StockService {
         self.session_ref(id).and_then(|s| s.role)
     }
 
-    /// The durable state of a SKU: what every reader sees.
+    /// The decided state of a SKU: what every reader sees.
     fn visible(&self, sku: SkuId) -> Stock {
-        match self.overlay.get(&sku) {
-            Some(&(durable, _)) => durable,
-            None => self.store.get(sku),
-        }
+        self.engine.visible(sku)
     }
 
     fn visible_by_name(&self, name: &str) -> Stock {
-        self.store
+        self.engine
+            .skus()
             .lookup(name)
             .map_or(Stock::default(), |sku| self.visible(sku))
     }
@@ -217,7 +204,7 @@ impl StockService {
         if waiting || (wait_for_inflight && !self.outbox.is_empty()) {
             self.session(id).outbox_pending += 1;
             self.outbox.push_back(Outgoing::Reply {
-                seq: self.last_seq,
+                seq: self.engine.last_ticket(),
                 to: id,
                 body: Body::Frame(frame),
                 close_after,
@@ -250,7 +237,7 @@ impl StockService {
                 all_known,
             };
             self.outbox.push_back(Outgoing::Reply {
-                seq: self.last_seq,
+                seq: self.engine.last_ticket(),
                 to: id,
                 body,
                 close_after: false,
@@ -270,8 +257,9 @@ impl StockService {
         skus.sort_unstable();
         skus.dedup();
         for sku in skus {
-            if self.store.get(sku).version == 0 && !self.subs_reference(sku) {
-                self.store.forget(sku);
+            if self.engine.skus().get(sku).version == 0 && !self.subs_reference(sku) {
+                self.engine.forget(sku);
+                self.sent_versions.forget(sku);
             }
         }
     }
@@ -339,13 +327,9 @@ impl Service for StockService {
         if !self.fanout.has_pending(id) {
             return;
         }
-        let store = &self.store;
-        let overlay = &self.overlay;
+        let engine = self.engine.as_ref();
         self.fanout.drain(cx, &self.subs, id, |sku| {
-            let stock = overlay
-                .get(&sku)
-                .map_or_else(|| store.get(sku), |&(durable, _)| durable);
-            crate::api::reply::stock_update(store.name(sku), stock)
+            crate::api::reply::stock_update(engine.skus().name(sku), engine.visible(sku))
         });
     }
 
@@ -357,13 +341,24 @@ impl Service for StockService {
         if self.started_ms == 0 {
             self.started_ms = cx.now_ms();
         }
-        self.log.submit();
+        self.engine.before_sleep(cx);
         self.settle(cx);
-        self.maybe_snapshot();
+        self.engine.after_settle(cx);
+    }
+
+    fn on_outbound(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        id: crate::net::OutboundId,
+        readable: bool,
+        writable: bool,
+    ) {
+        self.engine.on_outbound(cx, id, readable, writable);
+        self.settle(cx);
     }
 
     fn can_exit(&self) -> bool {
-        !self.log.in_flight() && self.outbox.is_empty()
+        !self.engine.in_flight() && self.outbox.is_empty()
     }
 
     fn on_reload(&mut self, cx: &mut Ctx<'_>) {
@@ -384,8 +379,7 @@ impl Service for StockService {
     }
 
     fn poll_timeout_ms(&self) -> Option<u64> {
-        // A snapshot being collected goes on next iteration even if nothing else happens.
-        self.log.snapshot_request().map(|_| 0)
+        self.engine.poll_timeout_ms()
     }
 }
 

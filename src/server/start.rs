@@ -6,6 +6,8 @@ use super::auth::{Role, Token};
 use super::StockService;
 use crate::app::Protocol;
 use crate::cli::{self, Settings};
+use crate::engine::embedded::EmbeddedEngine;
+use crate::engine::Engine;
 use crate::net::EventLoop;
 use crate::stock::{IdempotencyCache, Store};
 use crate::wal::memory::MemoryLog;
@@ -71,11 +73,11 @@ pub fn run(settings: Settings) -> Result<(), String> {
         keys.len()
     );
     let limits = settings.limits.clone();
-    let mut log = log;
+    let mut engine: Box<dyn Engine> = Box::new(EmbeddedEngine::new(store, keys, log));
     let mut event_loop = EventLoop::bind(settings.listen, limits.clone(), |waker| {
-        // The log's threads wake the loop when a batch is durable (or failed).
-        log.set_waker(waker);
-        Protocol::new(StockService::new(service_config, store, keys, log), &limits)
+        // The engine's threads wake the loop when a batch is durable (or failed).
+        engine.set_waker(waker);
+        Protocol::new(StockService::new(service_config, engine), &limits)
     })
     .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
     event_loop

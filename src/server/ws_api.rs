@@ -135,7 +135,7 @@ impl StockService {
                 for name in &skus {
                     if name == WILDCARD {
                         self.subs.unsubscribe_all(id);
-                    } else if let Some(sku) = self.store.lookup(name) {
+                    } else if let Some(sku) = self.engine.skus().lookup(name) {
                         self.fanout.forget(id, sku);
                         released.extend(self.subs.unsubscribe(id, sku));
                     }
@@ -284,7 +284,7 @@ impl StockService {
                 continue;
             }
             // Names were validated by the parser; intern cannot refuse them.
-            if let Ok(sku) = self.store.intern(&name) {
+            if let Ok(sku) = self.engine.intern(&name) {
                 if self.subs.subscribe(id, sku) {
                     added.push(sku);
                 }

@@ -1,0 +1,1 @@
+//! The Redis engine (see the module docs of its parts).
