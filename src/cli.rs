@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::config::Limits;
+use crate::engine::redis::url::RedisUrl;
 use crate::server::auth::{Role, Token};
 use crate::server::ServiceConfig;
 
@@ -31,6 +32,11 @@ pub struct Settings {
     pub snapshot_log_bytes: u64,
     pub limits: Limits,
     pub service: ServiceConfig,
+    /// `--redis`: the shared inventory's Redis; `None` runs the embedded engine.
+    pub redis: Option<RedisUrl>,
+    pub redis_prefix: String,
+    /// `--workers`: worker processes to start and supervise (1 = this process serves).
+    pub workers: usize,
 }
 
 struct Flag {
@@ -59,6 +65,24 @@ const FLAGS: &[Flag] = &[
         env: "STOCKSYNC_FSYNC",
         value: "always|never",
         help: "fdatasync each batch before acking (default always; never = benchmarks only)",
+    },
+    Flag {
+        name: "--redis",
+        env: "STOCKSYNC_REDIS",
+        value: "URL",
+        help: "keep the stock in Redis, shared by every process on it: redis://[user:password@]host:port[/db]",
+    },
+    Flag {
+        name: "--redis-prefix",
+        env: "STOCKSYNC_REDIS_PREFIX",
+        value: "PREFIX",
+        help: "key prefix of the inventory in Redis (default stocksync:)",
+    },
+    Flag {
+        name: "--workers",
+        env: "STOCKSYNC_WORKERS",
+        value: "N|auto",
+        help: "worker processes on the listen address, supervised (default 1; auto = cores; N > 1 needs --redis)",
     },
     Flag {
         name: "--write-token",
@@ -124,7 +148,7 @@ const FLAGS: &[Flag] = &[
         name: "--idempotency-keys-max",
         env: "STOCKSYNC_IDEMPOTENCY_KEYS_MAX",
         value: "N",
-        help: "idempotency keys remembered (24 h each); keyed writes past it get `unavailable` (default 1000000)",
+        help: "embedded engine: idempotency keys remembered (24 h each); keyed writes past it get `unavailable` (default 1000000)",
     },
     Flag {
         name: "--send-high-bytes",
@@ -211,6 +235,9 @@ impl Settings {
             snapshot_log_bytes: 64 * 1024 * 1024,
             limits: Limits::default(),
             service: ServiceConfig::default(),
+            redis: None,
+            redis_prefix: "stocksync:".into(),
+            workers: 1,
         }
     }
 
@@ -257,6 +284,14 @@ impl Settings {
             s.apply(name, &value)?;
         }
         s.limits.validate().map_err(|e| e.0)?;
+        if s.workers > 1 && s.redis.is_none() {
+            return Err(format!(
+                "--workers {} needs --redis: without a shared Redis every worker would hold an \
+                 inventory of its own, and clients would see different stock depending on the \
+                 process the kernel gave them",
+                s.workers
+            ));
+        }
         Ok(Some(s))
     }
 
@@ -267,6 +302,24 @@ impl Settings {
                 self.listen = value.parse().map_err(|_| {
                     format!("--listen: `{value}` is not an address like 0.0.0.0:2346")
                 })?
+            }
+            "--redis" => self.redis = Some(RedisUrl::parse(value.trim())?),
+            "--redis-prefix" => {
+                if value.is_empty() || value.contains(['{', '}']) {
+                    return Err(format!(
+                        "--redis-prefix: `{value}` must be non-empty and without braces"
+                    ));
+                }
+                self.redis_prefix = value.to_string();
+            }
+            "--workers" => {
+                self.workers = match value.trim() {
+                    "auto" => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    n => match parse_number::<usize>(name, n)? {
+                        0 => return Err("--workers: must be at least 1".into()),
+                        n => n,
+                    },
+                };
             }
             "--data-dir" => {
                 self.data_dir = match value {

@@ -135,7 +135,14 @@ fn metrics_parse_and_follow_conventions() {
             sample.metric
         );
         if let prometheus_parse::Value::Histogram(buckets) = &sample.value {
-            assert_eq!(sample.metric, "stocksync_ack_latency_seconds");
+            // Latency histograms, in seconds: the ack latency, and the Redis engine's own.
+            assert!(
+                sample.metric == "stocksync_ack_latency_seconds"
+                    || (sample.metric.starts_with("stocksync_redis_")
+                        && sample.metric.ends_with("_seconds")),
+                "unexpected histogram {}",
+                sample.metric
+            );
             assert!(buckets.windows(2).all(|w| w[0].less_than < w[1].less_than));
             assert!(buckets.windows(2).all(|w| w[0].count <= w[1].count));
             assert!(buckets.last().unwrap().less_than.is_infinite());

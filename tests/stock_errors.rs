@@ -638,7 +638,9 @@ fn a_refused_batch_naming_a_new_sku_twice_is_answered_and_the_connection_kept() 
 
 #[test]
 fn unavailable_when_the_idempotency_key_store_is_full_and_nothing_changes() {
-    let server = Server::start(&["--idempotency-keys-max", "2"]);
+    // The embedded engine's key cache is what this bounds (`--data-dir none` pins it); in Redis
+    // the keys live in Redis with their TTL, bounded by Redis' own maxmemory.
+    let server = Server::start(&["--idempotency-keys-max", "2", "--data-dir", "none"]);
     let mut ws = server.writer();
     let keyed = |key: &str| json!({"type":"stock_update","id":"e","idempotency_key":key,"stock":op("k-1","increase",1)});
     assert_eq!(ack(&mut ws, keyed("one"))["stock"]["version"], 1);

@@ -14,7 +14,12 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = stocksync::server::start::run(settings) {
+    let result = if settings.workers > 1 {
+        stocksync::server::start::supervise(settings, &args)
+    } else {
+        stocksync::server::start::run(settings)
+    };
+    if let Err(e) = result {
         eprintln!("stocksync: {e}");
         std::process::exit(1);
     }

@@ -186,6 +186,9 @@ impl<H: Handler> EventLoop<H> {
     /// Runs until shut down; returns the handler.
     pub fn run(mut self) -> io::Result<H> {
         let mut shutdown_deadline_ms: Option<u64> = None;
+        // The handler's own work (opening outbound links, say) starts before the first sleep,
+        // not after the first event.
+        self.guarded_global(|h, cx| h.before_sleep(cx));
         loop {
             let timeout = self.poll_timeout();
             match self.poll.poll(&mut self.events, timeout) {

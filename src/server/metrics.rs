@@ -26,6 +26,17 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    /// Writes this histogram as the Prometheus family `name`.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        family(out, name, "histogram", help);
+        for (bound, count) in ACK_LATENCY_BUCKETS_SECONDS.iter().zip(self.counts.iter()) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}", self.sum_seconds);
+        let _ = writeln!(out, "{name}_count {}", self.count);
+    }
+
     pub fn observe(&mut self, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
         for (bound, count) in ACK_LATENCY_BUCKETS_SECONDS
@@ -181,12 +192,12 @@ pub struct Snapshot<'a> {
     pub uptime_seconds: u64,
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+pub fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
     family(out, name, kind, help);
     let _ = writeln!(out, "{name} {value}");
 }
@@ -393,26 +404,11 @@ pub fn render(s: &Snapshot<'_>) -> String {
     for (code, n) in &s.service.errors {
         let _ = writeln!(out, "stocksync_errors_total{{code=\"{code}\"}} {n}");
     }
-    let h = &s.service.ack_latency;
-    family(
+    s.service.ack_latency.render(
         &mut out,
         "stocksync_ack_latency_seconds",
-        "histogram",
         "From receiving a write to sending its ack (includes the log fsync).",
     );
-    for (bound, count) in ACK_LATENCY_BUCKETS_SECONDS.iter().zip(h.counts.iter()) {
-        let _ = writeln!(
-            out,
-            "stocksync_ack_latency_seconds_bucket{{le=\"{bound}\"}} {count}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "stocksync_ack_latency_seconds_bucket{{le=\"+Inf\"}} {}",
-        h.count
-    );
-    let _ = writeln!(out, "stocksync_ack_latency_seconds_sum {}", h.sum_seconds);
-    let _ = writeln!(out, "stocksync_ack_latency_seconds_count {}", h.count);
     single(
         &mut out,
         "stocksync_skus_known",

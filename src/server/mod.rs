@@ -17,6 +17,7 @@ mod durable;
 mod http_api;
 pub mod metrics;
 pub mod start;
+pub mod workers;
 mod ws_api;
 
 use std::collections::VecDeque;

@@ -7,6 +7,7 @@ use super::StockService;
 use crate::app::Protocol;
 use crate::cli::{self, Settings};
 use crate::engine::embedded::EmbeddedEngine;
+use crate::engine::redis::{RedisConfig, RedisEngine};
 use crate::engine::Engine;
 use crate::net::EventLoop;
 use crate::stock::{IdempotencyCache, Store};
@@ -27,6 +28,58 @@ pub fn load_tokens(
         );
     }
     Ok(tokens)
+}
+
+/// The embedded store (recovered from its data dir) or the Redis replica (loaded).
+fn open_engine(
+    settings: &Settings,
+    service_config: &super::ServiceConfig,
+) -> Result<Box<dyn Engine>, String> {
+    if let Some(url) = &settings.redis {
+        let engine = RedisEngine::start(RedisConfig {
+            url: url.clone(),
+            prefix: settings.redis_prefix.clone(),
+            idempotency_ttl_secs: service_config.idempotency_ttl_secs,
+        })?;
+        info!(
+            "Redis engine ready: {} SKUs in the replica, prefix {}",
+            engine.skus().known_len(),
+            settings.redis_prefix
+        );
+        return Ok(Box::new(engine));
+    }
+    let keys = IdempotencyCache::new(
+        service_config.idempotency_keys_max,
+        service_config.idempotency_ttl_secs,
+    );
+    let (store, keys, log): (Store, IdempotencyCache, Box<dyn Log>) = match &settings.data_dir {
+        None => {
+            warn!("no data dir: stock lives in memory only and is lost when the process ends");
+            (Store::new(), keys, Box::new(MemoryLog::new()))
+        }
+        Some(dir) => super::durable::open(dir, settings, keys)?,
+    };
+    info!(
+        "store ready: {} SKUs, {} idempotency keys",
+        store.known_len(),
+        keys.len()
+    );
+    Ok(Box::new(EmbeddedEngine::new(store, keys, log)))
+}
+
+/// `--workers N`: supervises N worker processes instead of serving (see [`super::workers`]).
+pub fn supervise(settings: Settings, args: &[String]) -> Result<(), String> {
+    let token = match &settings.write_token {
+        Some(token) => token.clone(),
+        None => {
+            let secret =
+                cli::random_token().map_err(|e| format!("cannot generate a write token: {e}"))?;
+            // One token for all workers, printed once.
+            println!("stocksync: no --write-token given; this run's write token is {secret}");
+            secret
+        }
+    };
+    super::workers::supervise(settings.workers, args, &token)
 }
 
 /// Runs the server until SIGINT/SIGTERM. Errors are for the operator (bad data dir, port in
@@ -56,24 +109,9 @@ pub fn run(settings: Settings) -> Result<(), String> {
     service_config.tokens_file = settings.tokens_file.clone();
     service_config.fixed_tokens = vec![write_token];
 
-    let keys = IdempotencyCache::new(
-        service_config.idempotency_keys_max,
-        service_config.idempotency_ttl_secs,
-    );
-    let (store, keys, log): (Store, IdempotencyCache, Box<dyn Log>) = match &settings.data_dir {
-        None => {
-            warn!("no data dir: stock lives in memory only and is lost when the process ends");
-            (Store::new(), keys, Box::new(MemoryLog::new()))
-        }
-        Some(dir) => super::durable::open(dir, &settings, keys)?,
-    };
-    info!(
-        "store ready: {} SKUs, {} idempotency keys",
-        store.known_len(),
-        keys.len()
-    );
+    let mut engine = open_engine(&settings, &service_config)?;
+    service_config.role_name = engine.kind().to_string();
     let limits = settings.limits.clone();
-    let mut engine: Box<dyn Engine> = Box::new(EmbeddedEngine::new(store, keys, log));
     let mut event_loop = EventLoop::bind(settings.listen, limits.clone(), |waker| {
         // The engine's threads wake the loop when a batch is durable (or failed).
         engine.set_waker(waker);

@@ -283,7 +283,7 @@ impl Store {
 /// A malformed amount is reported before a version conflict: it is a client bug whatever the
 /// state, and the API may already have refused it while parsing, so checking it first gives the
 /// same error whichever layer catches it.
-fn stage_op(op: &Op, committed: Stock, working: Stock) -> Result<Stock, OpError> {
+pub(crate) fn stage_op(op: &Op, committed: Stock, working: Stock) -> Result<Stock, OpError> {
     if !op.action.amount_range().contains(&op.amount) {
         let amount = Some(i128::from(op.amount));
         return Err(OpError::InvalidChange {
