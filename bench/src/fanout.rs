@@ -39,6 +39,10 @@ pub const FLAGS: &[&str] = &[
     "drain",
 ];
 
+/// `--subscribe-sku`: subscribers subscribe to `--sku` only instead of `*` (several tool
+/// processes, each with its own SKU, on one inventory).
+pub const SWITCHES: &[&str] = &["subscribe-sku"];
+
 /// Send times and completion counts are kept for the last RING updates: far more than can be
 /// in flight (a window of W, or R x the worst latency in rate mode).
 const RING: usize = 1 << 20;
@@ -223,7 +227,11 @@ pub fn run(args: &Args) -> Result<Value, String> {
         stalls: 0,
     };
     let open_deadline = Instant::now() + Duration::from_secs(120);
-    let subscribe = wire::subscribe_all_frame([1, 2, 3, 4]);
+    let subscribe = if args.switch("subscribe-sku") {
+        wire::subscribe_one_frame(&settings.sku, [1, 2, 3, 4])
+    } else {
+        wire::subscribe_all_frame([1, 2, 3, 4])
+    };
     let opened = pool::open_many(
         &mut looper,
         &mut conns,

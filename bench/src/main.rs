@@ -56,7 +56,7 @@ fn main() {
         std::process::exit(2);
     };
     let (flags, switches, run): (&[&str], &[&str], Scenario) = match scenario.as_str() {
-        "fanout" => (fanout::FLAGS, &[], fanout::run),
+        "fanout" => (fanout::FLAGS, fanout::SWITCHES, fanout::run),
         "idle" => (idle::FLAGS, idle::SWITCHES, idle::run),
         "handshake" => (handshake::FLAGS, &[], handshake::run),
         "ops" => (ops::FLAGS, &[], ops::run),

@@ -30,6 +30,7 @@ pub const FLAGS: &[&str] = &[
     "sources",
     "source-first",
     "connect-concurrency",
+    "mix",
 ];
 
 /// SKUs set per message during setup.
@@ -56,6 +57,9 @@ struct Workload {
     count: u64,
     stop: bool,
     payload: Vec<u8>,
+    /// `--mix increase`: every op is `increase 1` (never refused; the shape `redis-benchmark`
+    /// runs against the same Lua script). Default `checkout`: the reserve/release/commit/batch mix.
+    increase_only: bool,
 }
 
 impl Workload {
@@ -75,6 +79,13 @@ impl Workload {
         self.payload.clear();
         let roll = next_u64(&mut writer.rng) % 100;
         let sku = self.sku(&mut writer.rng);
+        if self.increase_only {
+            let _ = write_op(&mut self.payload, sku, "increase", 1);
+            let mask = (next_u64(&mut writer.rng) as u32).to_le_bytes();
+            wire::encode_client_frame(out, wire::OPCODE_TEXT, &self.payload, mask);
+            writer.sent_at = Some(Instant::now());
+            return true;
+        }
         let change = 1 + next_u64(&mut writer.rng) % 3;
         let _ = match roll {
             0..=39 => write_op(&mut self.payload, sku, "reserve", change),
@@ -256,6 +267,11 @@ pub fn run(args: &Args) -> Result<Value, String> {
         count,
         stop: false,
         payload: Vec::with_capacity(256),
+        increase_only: match args.string("mix", "checkout").as_str() {
+            "checkout" => false,
+            "increase" => true,
+            other => return Err(format!("--mix: `{other}` is not checkout or increase")),
+        },
     };
     tally.measuring = true;
     let begin = Instant::now();

@@ -68,6 +68,15 @@ pub fn subscribe_all_frame(key: [u8; 4]) -> Vec<u8> {
     frame
 }
 
+/// A subscribe to one SKU only, as a masked client frame (several load-tool processes, each with
+/// its own SKU, on one inventory).
+pub fn subscribe_one_frame(sku: &str, key: [u8; 4]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    let payload = format!(r#"{{"type":"subscribe","skus":["{sku}"]}}"#);
+    encode_client_frame(&mut frame, OPCODE_TEXT, payload.as_bytes(), key);
+    frame
+}
+
 /// Appends a masked client frame (RFC 6455 §5.2, §5.3) with FIN set.
 pub fn encode_client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
     out.push(0x80 | opcode);

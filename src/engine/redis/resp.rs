@@ -15,6 +15,9 @@ pub const BULK_BYTES_MAX: usize = 64 * 1024 * 1024;
 pub const ARRAY_LEN_MAX: usize = 1 << 20;
 /// Deepest nesting of arrays (our replies nest two deep).
 pub const DEPTH_MAX: usize = 8;
+/// Longest line (a simple string or an error, whose text Redis may make long: a failing
+/// script's message quotes the script's position and error).
+pub const LINE_BYTES_MAX: usize = 64 * 1024;
 
 /// One reply.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,8 +126,8 @@ fn parse_at(buf: &[u8], at: &mut usize, depth: usize) -> Result<Option<Value>, R
         return Ok(None);
     };
     let Some(line_end) = find_crlf(buf, *at + 1) else {
-        // A header line is short; one that never ends is garbage, not a slow peer.
-        if buf.len() - *at > 64 {
+        // A line that never ends is garbage, not a slow peer.
+        if buf.len() - *at > LINE_BYTES_MAX {
             return Err(RespError::MissingCrlf);
         }
         return Ok(None);
@@ -268,7 +271,11 @@ mod tests {
             Err(RespError::TooLarge { .. })
         ));
         assert_eq!(parse(b"$1\r\nabX\r\n"), Err(RespError::MissingCrlf));
-        assert_eq!(parse(&[b'+'; 100]), Err(RespError::MissingCrlf));
+        assert_eq!(parse(&[b'+'; 100]), Ok(None), "a long line may still end");
+        assert_eq!(
+            parse(&vec![b'+'; LINE_BYTES_MAX + 2]),
+            Err(RespError::MissingCrlf)
+        );
         let deep = "*1\r\n".repeat(DEPTH_MAX + 2);
         assert_eq!(parse(deep.as_bytes()), Err(RespError::TooDeep));
     }
