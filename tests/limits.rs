@@ -406,6 +406,7 @@ fn the_connection_limit_fits_under_the_descriptor_limit() {
         child,
         addr,
         data_dir: None,
+        redis: None,
     };
     wait_listening(addr);
     // 100 descriptors minus the 64 kept aside: 36 connections fit (wait_listening used one,

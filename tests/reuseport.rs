@@ -76,6 +76,7 @@ fn start_second(first: &Server) -> Server {
         child,
         addr: first.addr,
         data_dir: None,
+        redis: None,
     };
     // It is listening once it holds its own LISTEN socket on the port (the first one answers
     // connects either way, so a connect proves nothing).

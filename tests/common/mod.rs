@@ -15,6 +15,9 @@ use stocksync::net::EventLoop;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::WebSocket;
 
+pub mod redis;
+pub mod watch;
+
 pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
 
 /// The write token every test server is started with.
@@ -80,16 +83,25 @@ pub fn wait_listening(addr: SocketAddr) {
     }
 }
 
-/// A `stocksync` process, killed on drop.
+/// A `stocksync` process, killed on drop (before its Redis, if it has one of its own).
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
     pub data_dir: Option<tempfile::TempDir>,
+    /// The Redis this server was given by `start` in Redis mode (`STOCKSYNC_TEST_ENGINE=redis`).
+    pub redis: Option<redis::RedisServer>,
+}
+
+/// True when `STOCKSYNC_TEST_ENGINE=redis`: memory-only test servers then keep their stock in
+/// a Redis of their own, so the protocol suites run against the Redis engine.
+pub fn redis_engine() -> bool {
+    std::env::var("STOCKSYNC_TEST_ENGINE").is_ok_and(|engine| engine == "redis")
 }
 
 impl Server {
     /// Starts the binary with `--listen` on a free port, `--write-token TOKEN`, no data dir
-    /// (unless `args` gives one) and `args`.
+    /// (unless `args` gives one) and `args`. With `STOCKSYNC_TEST_ENGINE=redis` (and no data dir
+    /// or `--redis` in `args`), it runs on a fresh `redis-server` of its own instead.
     pub fn start(args: &[&str]) -> Server {
         Self::start_with(args, true)
     }
@@ -105,19 +117,44 @@ impl Server {
         server
     }
 
+    /// The Redis engine on `redis_url`, on a free port, no data dir.
+    pub fn start_redis(redis_url: &str, args: &[&str]) -> Server {
+        Self::start_redis_on("127.0.0.1:0", redis_url, args)
+    }
+
+    /// The Redis engine on `redis_url`, listening on `listen` (a fixed port lets several
+    /// processes share it through SO_REUSEPORT).
+    pub fn start_redis_on(listen: &str, redis_url: &str, args: &[&str]) -> Server {
+        let mut all = vec!["--redis", redis_url, "--data-dir", "none"];
+        all.extend_from_slice(args);
+        Self::spawn(listen, &all, None)
+    }
+
     fn start_with(args: &[&str], memory_only: bool) -> Server {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_stocksync"));
+        let mut all = args.to_vec();
+        let mut redis = None;
+        if memory_only && !args.contains(&"--data-dir") {
+            all.extend(["--data-dir", "none"]);
+            if redis_engine() && !args.contains(&"--redis") {
+                redis = Some(redis::RedisServer::start());
+            }
+        }
+        let url = redis.as_ref().map(redis::RedisServer::url);
+        if let Some(url) = &url {
+            all.extend(["--redis", url.as_str()]);
+        }
         // Port 0: the kernel picks a free port and the server prints it, so concurrent tests
         // can never race for one (SO_REUSEPORT would otherwise let two servers share it).
+        Self::spawn("127.0.0.1:0", &all, redis)
+    }
+
+    fn spawn(listen: &str, args: &[&str], redis: Option<redis::RedisServer>) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stocksync"));
         command
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--write-token")
-            .arg(TOKEN);
-        if memory_only && !args.contains(&"--data-dir") {
-            command.arg("--data-dir").arg("none");
-        }
-        command
+            .arg(TOKEN)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
@@ -131,6 +168,7 @@ impl Server {
             child,
             addr,
             data_dir: None,
+            redis,
         }
     }
 
@@ -167,6 +205,16 @@ impl Server {
             .expect("durable server")
             .path()
             .to_path_buf()
+    }
+
+    /// The process id, as `/healthz` reports it in `pid`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `GET /healthz`: status and JSON body.
+    pub fn healthz(&self) -> (u16, serde_json::Value) {
+        http_json("GET", &self.http("/healthz"), &[], None)
     }
 
     /// Sends a signal to the process.
