@@ -30,7 +30,7 @@ pub struct WildcardBatch {
 #[derive(Clone, Debug)]
 pub enum ReplyTo {
     WebSocket { id: Option<Value> },
-    Http { keep_alive: bool },
+    Http(super::http_api::HttpReply),
 }
 
 /// Something waiting for the log.
@@ -87,17 +87,12 @@ impl StockService {
     fn error_frame(reply_to: &ReplyTo, error: &ApiError) -> (Frame, bool) {
         match reply_to {
             ReplyTo::WebSocket { id } => (reply::error(id.as_ref(), error), false),
-            ReplyTo::Http { keep_alive } => {
-                let response = crate::http::Response::json(
+            ReplyTo::Http(http) => {
+                let response = http.finish(crate::http::Response::json(
                     error.code.http_status(),
                     reply::http_error_body(error),
-                );
-                let response = if *keep_alive {
-                    response
-                } else {
-                    response.close()
-                };
-                (Frame::from(response.to_bytes()), !keep_alive)
+                ));
+                (Frame::from(response.to_bytes()), !http.keep_alive)
             }
         }
     }
@@ -111,17 +106,12 @@ impl StockService {
     ) -> (Frame, bool) {
         match reply_to {
             ReplyTo::WebSocket { id } => (reply::ack(id.as_ref(), batch, states, duplicate), false),
-            ReplyTo::Http { keep_alive } => {
-                let response = crate::http::Response::json(
+            ReplyTo::Http(http) => {
+                let response = http.finish(crate::http::Response::json(
                     200,
                     reply::http_stock_body(states, batch, duplicate),
-                );
-                let response = if *keep_alive {
-                    response
-                } else {
-                    response.close()
-                };
-                (Frame::from(response.to_bytes()), !keep_alive)
+                ));
+                (Frame::from(response.to_bytes()), !http.keep_alive)
             }
         }
     }
@@ -360,7 +350,7 @@ impl StockService {
                     self.flush_wildcard_batch(cx);
                 }
                 cx.send(change.writer, change.ack);
-                if let super::commit::ReplyTo::Http { keep_alive: false } = change.reply_to {
+                if matches!(&change.reply_to, ReplyTo::Http(http) if !http.keep_alive) {
                     cx.close(change.writer);
                 }
                 for &(sku, after) in &change.changed {

@@ -13,6 +13,7 @@
 //!   `unavailable`; nothing of it was ever visible.
 
 pub mod auth;
+pub mod browser;
 mod commit;
 mod durable;
 mod http_api;

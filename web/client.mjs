@@ -1,0 +1,3 @@
+import "./client.js";
+export const StockSync = globalThis.StockSync;
+export default StockSync;
