@@ -204,16 +204,17 @@
     }
     if (!request) return; // e.g. the reply to our ping, or to ?skus= in the URL
     var stock = message.stock;
+    if (Array.isArray(stock)) stock.forEach(this._offer, this);
+    else if (stock) this._offer(stock);
     if (type === "subscribed" || type === "stock" || type === "snapshot") {
       // Big snapshots arrive in chunks: the reply with "more": true, then `snapshot`
       // messages with the same id, the last with "more": false (PROTOCOL.md "Limits").
-      request.stock = (request.stock || []).concat(stock || []);
+      // Each chunk's states are passed on as they come; the promise gets them all.
+      request.stock = request.stock ? request.stock.concat(stock || []) : stock || [];
       if (message.more) return;
       stock = request.stock;
     }
     this._pending.delete(message.id);
-    if (Array.isArray(stock)) stock.forEach(this._offer, this);
-    else if (stock) this._offer(stock);
     request.resolve(stock);
   };
 

@@ -36,7 +36,7 @@ export function WebSocketClass() {
 export function startServer({ listen = "127.0.0.1:0", dataDir = "none", args = [] } = {}) {
   const child = spawn(binary(), [
     "--listen", listen, "--write-token", TOKEN, "--data-dir", dataDir, ...args,
-  ], { stdio: ["ignore", "pipe", "inherit"], env: { ...process.env, RUST_LOG: "warn" } });
+  ], { stdio: ["ignore", "pipe", process.env.STOCKSYNC_TEST_LOG ? "inherit" : "ignore"] });
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => {
       child.kill("SIGKILL");
