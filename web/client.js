@@ -310,7 +310,10 @@
         listener.skus.delete(sku);
         listener.seen.delete(sku);
       });
-      if (!listener.all && listener.skus.size === 0) self._listeners.delete(listener);
+      if (!listener.all && listener.skus.size === 0) {
+        self._listeners.delete(listener);
+        listener.waiters.splice(0).forEach(function (waiter) { waiter.resolve([]); });
+      }
     });
     if (!this._ws || this._ws.readyState !== OPEN) return Promise.resolve();
     return Promise.all(chunks(skus).map(function (part) {
