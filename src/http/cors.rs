@@ -18,8 +18,9 @@ use super::response::Response;
 /// Request headers a cross-origin page may send (answered to every preflight).
 pub const ALLOWED_HEADERS: &str = "Authorization, Content-Type, Idempotency-Key";
 
-/// How long a browser may reuse a preflight answer; 10 minutes is Chromium's own cap for
-/// `Access-Control-Max-Age`, so a longer value would buy nothing.
+/// How long a browser may reuse a preflight answer: short enough that a change of
+/// `--allowed-origin` reaches open pages within minutes, long enough that a page writing
+/// steadily preflights about once per ten minutes, not once per write.
 pub const PREFLIGHT_MAX_AGE_SECS: u32 = 600;
 
 /// The `Access-Control-Allow-Origin` a response carries.

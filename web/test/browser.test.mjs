@@ -95,6 +95,58 @@ describe("the dashboard", () => {
   });
 });
 
+describe("the dashboard with 100,000 SKUs", () => {
+  // The contract's scale for the dashboard; the table must stay virtualised.
+  const SKU_COUNT = 100000;
+  const OPS_PER_BATCH = 100; // the server's ops-per-batch limit
+  const BATCHES_IN_FLIGHT = 20;
+  let server;
+  before(async () => {
+    server = await startServer();
+    let inflight = [];
+    for (let b = 0; b < SKU_COUNT / OPS_PER_BATCH; b++) {
+      const ops = Array.from({ length: OPS_PER_BATCH }, (_, i) =>
+        ({ id: `big-${String(b * OPS_PER_BATCH + i).padStart(6, "0")}`, action: "set", quantity: i }));
+      inflight.push(http(server.http, "POST", "/stock/batch", { body: { ops }, token: TOKEN }));
+      if (inflight.length === BATCHES_IN_FLIGHT) {
+        for (const reply of await Promise.all(inflight)) assert.equal(reply.status, 200);
+        inflight = [];
+      }
+    }
+    await Promise.all(inflight);
+  });
+  after(() => server.kill());
+
+  test("renders only the rows in view, scrolls, filters and follows changes", async () => {
+    const page = await newPage();
+    await page.goto(`${server.http}/`);
+    await page.waitForFunction(
+      () => document.getElementById("counts").textContent === "100,000 SKUs", null, { timeout: 20000 });
+    const rows = await page.locator(".row").count();
+    assert.ok(rows > 10 && rows < 100, `${rows} row elements for 100,000 SKUs`);
+
+    // Scrolled to the middle, the rows there are the ones shown.
+    await page.evaluate(() => {
+      const viewport = document.getElementById("viewport");
+      viewport.scrollTop = viewport.scrollHeight / 2;
+    });
+    await page.waitForFunction(() => [...document.querySelectorAll(".row")]
+      .some((r) => r.dataset.sku === "big-050000" && r.style.display !== "none"));
+    await write(server, "big-050000", { action: "set", quantity: 777 });
+    await page.waitForFunction(
+      () => document.querySelector('.row[data-sku="big-050000"] .available')?.textContent === "777",
+      null, { timeout: SHOWN_WITHIN_MS });
+
+    await page.fill("#filter", "big-09999");
+    await page.waitForFunction(
+      () => document.getElementById("counts").textContent === "10 of 100,000 SKUs");
+    assert.equal(await page.locator(".row:visible").count(), 10);
+    assert.equal(await page.locator(".row").count(), rows, "the same row elements, re-filled");
+    assert.deepEqual(page.errors, []);
+    await page.close();
+  });
+});
+
 // The page another origin serves: imports the client module from the stock server.
 function crossOriginPage(server) {
   return `<!doctype html><title>shop</title><script type="module">
