@@ -169,6 +169,7 @@ describe("client.js on a page of another origin", () => {
     shop = await pageServer({
       "/module": crossOriginPage(server),
       "/classic": `<!doctype html><script src="${server.http}/client.js"></script>`,
+      "/blank": "<!doctype html><title>blank</title>",
     });
   });
   after(() => { shop.close(); return server.kill(); });
@@ -216,10 +217,17 @@ describe("client.js on a page of another origin", () => {
     await page.close();
   });
 
-  test("a classic <script> from the server sets window.StockSync", async () => {
+  test("a classic <script> from the server sets window.StockSync, and so does import()", async () => {
     const page = await newPage();
     await page.goto(`${shop.origin}/classic`);
     assert.equal(await page.evaluate(() => typeof window.StockSync?.connect), "function");
+    await page.goto(`${shop.origin}/blank`);
+    const viaImport = await page.evaluate(async (url) => {
+      if (window.StockSync) return "already there";
+      await import(url);
+      return typeof window.StockSync?.connect;
+    }, `${server.http}/client.js`);
+    assert.equal(viaImport, "function");
     await page.close();
   });
 });
