@@ -124,7 +124,10 @@
   Client.prototype._lost = function (ws) {
     var self = this;
     if (ws) {
-      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+      ws.onopen = ws.onmessage = ws.onclose = null;
+      // Still swallowed: closing a socket that is connecting reports an error (and Node's
+      // `ws` throws an error event that has no listener).
+      ws.onerror = function () {};
       try {
         ws.close();
       } catch (e) {

@@ -170,6 +170,19 @@ describe("client.js across server failures", () => {
     }
   });
 
+  test("close() while still connecting ends quietly", async () => {
+    // Regression: Node's `ws` reports an aborted handshake as an error event, which throws
+    // when no listener is left; the client must keep swallowing it.
+    const server = await startServer();
+    const url = server.ws;
+    await server.kill();
+    const client = StockSync.connect(url, FAST);
+    assert.equal(client.status(), "connecting");
+    client.close();
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(client.status(), "closed");
+  });
+
   test("the application ping notices a server that stopped answering", async () => {
     const server = await startServer();
     try {
