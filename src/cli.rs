@@ -106,7 +106,7 @@ const FLAGS: &[Flag] = &[
         name: "--allowed-origin",
         env: "STOCKSYNC_ALLOWED_ORIGINS",
         value: "ORIGIN[,ORIGIN]",
-        help: "browser origins allowed to open a WebSocket (default any)",
+        help: "browser origins allowed to open a WebSocket and to read the HTTP API (CORS) (default any)",
     },
     Flag {
         name: "--max-connections",

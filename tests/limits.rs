@@ -429,7 +429,16 @@ fn the_connection_limit_fits_under_the_descriptor_limit() {
         );
     }
     open.truncate(10);
-    // Room again: a new connection works and the refusals were counted.
+    // Room again once the server has read the closes (dropping a socket only queues its FIN):
+    // a new connection works, and the refusals were counted.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tungstenite::connect(server.url("/ws")).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no room after closing connections"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let rejected: f64 = scrape_metric(
         &server,
         "stocksync_connections_rejected_total{reason=\"connections_max\"}",

@@ -4,11 +4,13 @@
 //!   says "need more" without consuming anything, in the style of httparse's `Status::Partial`.
 //! - [`response`] turns a [`Response`] into the bytes to queue for the socket.
 //! - [`router`] maps a method and path to a caller-defined route value.
+//! - [`cors`] decides the `Access-Control-*` headers of a response (and answers preflights).
 //!
 //! Nothing here knows about connections: the caller owns the read buffer, drops the consumed
 //! bytes, and closes the connection after a [`ParseError`] (the framing is lost by then).
 #![warn(missing_docs)]
 
+pub mod cors;
 pub mod percent;
 pub mod request;
 pub mod response;

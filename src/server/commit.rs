@@ -27,7 +27,7 @@ pub struct WildcardBatch {
 #[derive(Clone, Debug)]
 pub enum ReplyTo {
     WebSocket { id: Option<Value> },
-    Http { keep_alive: bool },
+    Http(super::http_api::HttpReply),
 }
 
 /// Something waiting for the engine.
@@ -80,17 +80,12 @@ impl StockService {
     fn error_frame(reply_to: &ReplyTo, error: &ApiError) -> (Frame, bool) {
         match reply_to {
             ReplyTo::WebSocket { id } => (reply::error(id.as_ref(), error), false),
-            ReplyTo::Http { keep_alive } => {
-                let response = crate::http::Response::json(
+            ReplyTo::Http(http) => {
+                let response = http.finish(crate::http::Response::json(
                     error.code.http_status(),
                     reply::http_error_body(error),
-                );
-                let response = if *keep_alive {
-                    response
-                } else {
-                    response.close()
-                };
-                (Frame::from(response.to_bytes()), !keep_alive)
+                ));
+                (Frame::from(response.to_bytes()), !http.keep_alive)
             }
         }
     }
@@ -103,17 +98,12 @@ impl StockService {
     ) -> (Frame, bool) {
         match reply_to {
             ReplyTo::WebSocket { id } => (reply::ack(id.as_ref(), batch, states, duplicate), false),
-            ReplyTo::Http { keep_alive } => {
-                let response = crate::http::Response::json(
+            ReplyTo::Http(http) => {
+                let response = http.finish(crate::http::Response::json(
                     200,
                     reply::http_stock_body(states, batch, duplicate),
-                );
-                let response = if *keep_alive {
-                    response
-                } else {
-                    response.close()
-                };
-                (Frame::from(response.to_bytes()), !keep_alive)
+                ));
+                (Frame::from(response.to_bytes()), !http.keep_alive)
             }
         }
     }

@@ -7,9 +7,10 @@ use serde_json::Value;
 use super::auth::{self, Grant, Role};
 use super::commit::{Body, Outgoing, ReplyTo};
 use super::metrics::{self, Snapshot};
-use super::StockService;
+use super::{browser, StockService};
 use crate::api::messages::{self, WriteRequest};
 use crate::api::{reply, ApiError, ErrorCode};
+use crate::http::cors::{self, AllowOrigin};
 use crate::http::{Match, Method, Request, Response, Router};
 use crate::net::{ConnId, Ctx, Frame};
 
@@ -21,7 +22,9 @@ enum Route {
     WriteBatch,
     Health,
     Metrics,
-    Index,
+    Dashboard,
+    ClientScript,
+    ClientModule,
 }
 
 fn router() -> &'static Router<Route> {
@@ -34,13 +37,36 @@ fn router() -> &'static Router<Route> {
             .add(Method::Post, "/stock/{*sku}", Route::WriteOne)
             .add(Method::Get, "/healthz", Route::Health)
             .add(Method::Get, "/metrics", Route::Metrics)
-            .add(Method::Get, "/", Route::Index);
+            .add(Method::Get, "/", Route::Dashboard)
+            .add(Method::Get, "/client.js", Route::ClientScript)
+            .add(Method::Get, "/client.mjs", Route::ClientModule);
         r
     })
 }
 
 fn error_response(error: &ApiError) -> Response {
     Response::json(error.code.http_status(), reply::http_error_body(error))
+}
+
+/// How one request wants its response framed: whether the connection stays open, and the CORS
+/// headers its `Origin` earned (decided once, when the request arrives, since a reply may be
+/// built later, when its write is durable).
+#[derive(Clone, Debug)]
+pub(super) struct HttpReply {
+    pub keep_alive: bool,
+    pub cors: Option<AllowOrigin>,
+}
+
+impl HttpReply {
+    /// `response` with this request's CORS headers and connection handling.
+    pub fn finish(&self, response: Response) -> Response {
+        let response = cors::with_cors(response, self.cors.as_ref());
+        if self.keep_alive {
+            response
+        } else {
+            response.close()
+        }
+    }
 }
 
 impl StockService {
@@ -53,42 +79,60 @@ impl StockService {
         req: &Request,
     ) -> Option<Response> {
         self.metrics.http_requests_total += 1;
-        let keep_alive = req.keep_alive();
+        let http = &HttpReply {
+            keep_alive: req.keep_alive(),
+            cors: AllowOrigin::for_request(&self.config.allowed_origins, req.header_str("origin")),
+        };
         let (route, param) = match router().find(req.method, &req.path) {
             Match::Found { route, param } => (route, param.map(str::to_string)),
             Match::NotFound => {
                 let error =
                     ApiError::new(ErrorCode::NotFound, format!("no route for {}", req.path));
-                return self.answer(cx, id, error_response(&error), keep_alive);
+                return self.answer(cx, id, error_response(&error), http);
+            }
+            // A CORS preflight (or a plain OPTIONS): no route registers OPTIONS, so every
+            // known path lands here with the methods it serves.
+            Match::MethodNotAllowed { allow } if req.method == Method::Options => {
+                let response = cors::preflight(&allow, http.cors.as_ref());
+                let bare = HttpReply {
+                    cors: None,
+                    ..http.clone()
+                };
+                return self.answer(cx, id, response, &bare);
             }
             Match::MethodNotAllowed { allow } => {
                 let error = ApiError::new(
                     ErrorCode::MethodNotAllowed,
                     format!("{} not allowed here", req.method_name),
                 );
-                return self.answer(
-                    cx,
-                    id,
-                    error_response(&error).header("Allow", allow),
-                    keep_alive,
-                );
+                return self.answer(cx, id, error_response(&error).header("Allow", allow), http);
             }
         };
         // Health and metrics are for operators and load balancers: no token needed.
         match route {
-            Route::Health => return self.answer(cx, id, self.health(cx), keep_alive),
+            Route::Health => return self.answer(cx, id, self.health(cx), http),
             Route::Metrics => {
                 let body = self.metrics_text(cx);
                 let response = Response::new(200).body(
                     "text/plain; version=0.0.4; charset=utf-8",
                     body.into_bytes(),
                 );
-                return self.answer(cx, id, response, keep_alive);
+                return self.answer(cx, id, response, http);
             }
-            Route::Index => {
-                let response =
-                    Response::text(200, "stocksync: WebSocket at /ws, HTTP API at /stock\n");
-                return self.answer(cx, id, response, keep_alive);
+            Route::Dashboard => return self.answer(cx, id, browser::dashboard(), http),
+            Route::ClientScript | Route::ClientModule => {
+                let source = if route == Route::ClientScript {
+                    browser::CLIENT_JS
+                } else {
+                    browser::CLIENT_MJS
+                };
+                // The script carries `Access-Control-Allow-Origin: *` of its own (any page may
+                // load it); the request's CORS answer would only repeat the header.
+                let bare = HttpReply {
+                    cors: None,
+                    ..http.clone()
+                };
+                return self.answer(cx, id, browser::script(source), &bare);
             }
             _ => {}
         }
@@ -105,15 +149,15 @@ impl StockService {
             };
             let error = ApiError::new(ErrorCode::Unauthorized, message);
             self.metrics.count_error(error.code);
-            return self.answer(cx, id, error_response(&error), keep_alive);
+            return self.answer(cx, id, error_response(&error), http);
         }
         match route {
             Route::StockOne => {
                 let name = param.unwrap_or_default();
                 if let Err(error) = messages::check_sku(&name) {
-                    return self.answer(cx, id, error_response(&error), keep_alive);
+                    return self.answer(cx, id, error_response(&error), http);
                 }
-                self.answer_read(id, keep_alive, move |service| {
+                self.answer_read(id, http, move |service| {
                     let mut body = Vec::with_capacity(128);
                     reply::write_state(&mut body, &name, service.visible_by_name(&name));
                     Response::json(200, body)
@@ -128,13 +172,13 @@ impl StockService {
                     .collect();
                 if names.len() > self.config.message_limits.skus_per_message_max {
                     let error = ApiError::new(ErrorCode::TooLarge, "too many SKUs in ?skus=");
-                    return self.answer(cx, id, error_response(&error), keep_alive);
+                    return self.answer(cx, id, error_response(&error), http);
                 }
                 if let Some(error) = names.iter().find_map(|n| messages::check_sku(n).err()) {
-                    return self.answer(cx, id, error_response(&error), keep_alive);
+                    return self.answer(cx, id, error_response(&error), http);
                 }
                 let names: Vec<String> = names.into_iter().map(String::from).collect();
-                self.answer_read(id, keep_alive, move |service| {
+                self.answer_read(id, http, move |service| {
                     let states: Vec<(&str, crate::stock::Stock)> = names
                         .iter()
                         .map(|n| (n.as_str(), service.visible_by_name(n)))
@@ -143,7 +187,7 @@ impl StockService {
                 })
             }
             Route::WriteOne | Route::WriteBatch => {
-                let reply_to = ReplyTo::Http { keep_alive };
+                let reply_to = ReplyTo::Http(http.clone());
                 if role != Some(Role::Write) {
                     let error = ApiError::new(
                         ErrorCode::Unauthorized,
@@ -166,7 +210,11 @@ impl StockService {
                 }
                 None
             }
-            Route::Health | Route::Metrics | Route::Index => unreachable!("answered above"),
+            Route::Health
+            | Route::Metrics
+            | Route::Dashboard
+            | Route::ClientScript
+            | Route::ClientModule => unreachable!("answered above"),
         }
     }
 
@@ -176,15 +224,12 @@ impl StockService {
         cx: &mut Ctx<'_>,
         id: ConnId,
         response: Response,
-        keep_alive: bool,
+        http: &HttpReply,
     ) -> Option<Response> {
+        let response = http.finish(response);
         if self.session_ref(id).is_some_and(|s| s.outbox_pending > 0) {
-            let response = if keep_alive {
-                response
-            } else {
-                response.close()
-            };
-            self.reply(cx, id, Frame::from(response.to_bytes()), !keep_alive, false);
+            let close_after = !http.keep_alive;
+            self.reply(cx, id, Frame::from(response.to_bytes()), close_after, false);
             return None;
         }
         Some(response)
@@ -196,27 +241,23 @@ impl StockService {
     fn answer_read(
         &mut self,
         id: ConnId,
-        keep_alive: bool,
+        http: &HttpReply,
         build: impl FnOnce(&StockService) -> Response + 'static,
     ) -> Option<Response> {
         if !self.session_ref(id).is_some_and(|s| s.outbox_pending > 0) {
-            return Some(build(self));
+            return Some(http.finish(build(self)));
         }
         self.session(id).outbox_pending += 1;
+        let close_after = !http.keep_alive;
+        let http = http.clone();
         let body = Body::Build(Box::new(move |service: &StockService| {
-            let response = build(service);
-            let response = if keep_alive {
-                response
-            } else {
-                response.close()
-            };
-            Frame::from(response.to_bytes())
+            Frame::from(http.finish(build(service)).to_bytes())
         }));
         self.outbox.push_back(Outgoing::Reply {
             seq: self.engine.last_ticket(),
             to: id,
             body,
-            close_after: !keep_alive,
+            close_after,
         });
         None
     }

@@ -12,6 +12,7 @@
 //!   per-SKU record of the newest version sent keeps every subscriber's view moving forward.
 
 pub mod auth;
+pub mod browser;
 mod commit;
 mod durable;
 mod http_api;

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite: every test against the embedded engine, then the protocol suites again
+# against the Redis engine. The tests use real peers (redis-server, Debian's chromium, node with
+# the npm dev dependencies); what is missing is installed here when we are root (as in CI), and
+# otherwise the tests that need it fail with a message saying what to install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v npm >/dev/null || missing+=(nodejs npm)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+    else
+        echo "missing test peers: ${missing[*]} (sudo apt-get install ${missing[*]})" >&2
+    fi
+fi
+if command -v npm >/dev/null && [ ! -d node_modules ]; then
+    npm ci --no-audit --no-fund
+fi
+cargo test --workspace
+# The protocol suites again, with every memory-only test server on a Redis of its own (the
+# embedded-only suites, wal_* and the in-process ones, stay out).
+STOCKSYNC_TEST_ENGINE=redis cargo test --test stock_ws --test stock_errors \
+    --test stock_concurrency --test stock_model --test http_api --test access --test limits \
+    --test ordering --test slow_consumer --test metrics --test shutdown --test smoke
