@@ -109,6 +109,10 @@ pub struct Connection {
     pub above_high_mark: bool,
     /// The hard limit was hit (signalled once; the connection is then closed).
     pub over_hard_limit: bool,
+    /// The peer takes compressed frames decompressed with a window of this many bytes (0: it
+    /// takes none): queued frames that have a compressed twin fitting it are sent as the twin.
+    /// A `u32` so the field fits beside the flags (a window is at most 32 KiB).
+    pub compressed_window_bytes: u32,
     pub close_reason: Option<CloseReason>,
     /// The handler's deadline (timer ticks), 0 = none.
     pub deadline_tick: u64,
@@ -132,6 +136,7 @@ impl Connection {
             read_paused: false,
             above_high_mark: false,
             over_hard_limit: false,
+            compressed_window_bytes: 0,
             close_reason: None,
             deadline_tick: 0,
             armed_tick: 0,

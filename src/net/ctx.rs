@@ -99,6 +99,15 @@ impl Ctx<'_> {
             .collect()
     }
 
+    /// From now on, frames with a compressed twin go to this connection as the twin when it fits
+    /// a decompression window of `window_bytes` (0: never). Set once, after the handshake that
+    /// negotiated compression.
+    pub fn set_compressed_window(&mut self, id: ConnId, window_bytes: usize) {
+        if let Some(conn) = live_mut(self.conns, id) {
+            conn.compressed_window_bytes = u32::try_from(window_bytes).unwrap_or(u32::MAX);
+        }
+    }
+
     /// Queues a frame, whatever the connection's pressure (replies are never dropped).
     pub fn send(&mut self, id: ConnId, frame: Frame) -> SendStatus {
         self.enqueue(id, &frame, false)
@@ -123,7 +132,11 @@ impl Ctx<'_> {
         if unless_full && conn.above_high_mark {
             return SendStatus::Full;
         }
-        let frame = frame.clone();
+        // The compressed twin, when the peer takes it: built once per frame, on the first such
+        // peer, and a refcount bump for every other one (no per-subscriber work or allocation).
+        let frame = frame
+            .for_window(conn.compressed_window_bytes as usize)
+            .clone();
         // The hard limit is on backlog: a frame queued behind more than the limit trips it, so
         // one large reply (a `*` snapshot of many SKUs) to a reader that keeps up is fine.
         let backlog_over_hard = conn.send_queue.bytes() > core.limits.send_queue_bytes_max
