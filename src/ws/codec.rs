@@ -1936,7 +1936,7 @@ mod tests {
                 let (messages, failure) = drive(&mut decoder, &stream, chunks, false);
                 assert_eq!(messages, expected, "{name} in chunks of {chunks:?}");
                 // How far past the limit inflating got depends on where a chunk ended: at
-                // most one chunk, which is held on the stack, not in the message.
+                // most one chunk, which is held in the thread's chunk buffer, not in the message.
                 let failure = match (failure, error) {
                     (
                         Some(MessageTooBig {

@@ -11,9 +11,9 @@
 //!   connections. A frame stays as it is when its payload is shorter than
 //!   [`COMPRESS_PAYLOAD_BYTES_MIN`] or when deflate does not make it smaller.
 //! - [`Inflate`] inflates one client message, fragment by fragment, appending the RFC 7692 §7.2.2
-//!   tail at the end, and never produces more than the limit it is given: it reports
-//!   [`InflateError::TooBig`] as soon as the output would pass it, so a zip bomb costs at most the
-//!   limit (plus one [`INFLATE_CHUNK_BYTES`] stack buffer) whatever its compressed size.
+//!   tail at the end, and hands the output over in chunks of at most [`INFLATE_CHUNK_BYTES`] to a
+//!   sink that enforces the size limit: its error stops inflating at once, so a zip bomb costs at
+//!   most the limit (plus the thread's one chunk buffer) whatever its compressed size.
 //!
 //! One compressor and one spare inflater are kept per thread (the event loop's), reset between
 //! messages: no connection owns deflate state while it is idle.
@@ -34,12 +34,16 @@ pub const COMPRESS_PAYLOAD_BYTES_MIN: usize = 256;
 /// per cent bigger (docs/BENCHMARKS.md, "Compression").
 pub const COMPRESSION_LEVEL: u32 = 1;
 
+/// The window flate2 compresses with (raw deflate, RFC 1951's 32 KiB): what a client with the
+/// default `server_max_window_bits` (15) decompresses with.
+pub const COMPRESSOR_WINDOW_BITS: u32 = 15;
+
 /// The empty stored block that ends a sync flush: stripped from each compressed message by the
 /// sender and appended again by the receiver (RFC 7692 §7.2.1, §7.2.2).
 pub const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-/// Output is inflated through a stack buffer of this size before it joins the message, so the
-/// message buffer grows only by what was really produced.
+/// Output is inflated through a buffer of this size (one per thread) before it joins the message,
+/// so the message buffer grows only by what was really produced.
 pub const INFLATE_CHUNK_BYTES: usize = 8 * 1024;
 
 /// Largest compressed payload a message of `inflated_bytes_max` bytes can need: deflate stores
@@ -61,6 +65,11 @@ thread_local! {
     /// One inflater kept for the next compressed client message, so a message does not cost a
     /// fresh ~43 KiB allocation; it lives in a connection only while that message arrives.
     static SPARE_INFLATER: RefCell<Option<Decompress>> = const { RefCell::new(None) };
+    /// Where output is inflated before it joins the message: allocated once per thread rather
+    /// than zeroed on the stack for every fragment (a client sending 256-byte fragments would
+    /// otherwise cost 8 KiB of memset each).
+    static INFLATE_CHUNK: RefCell<Box<[u8]>> =
+        RefCell::new(vec![0; INFLATE_CHUNK_BYTES].into_boxed_slice());
 }
 
 struct Compressor {
@@ -105,8 +114,9 @@ impl Compressor {
 pub struct CompressedRun {
     /// The frames, compressed ones with RSV1 set.
     pub bytes: Vec<u8>,
-    /// Length of the longest message that was compressed: a client whose window
-    /// (`server_max_window_bits`) is at least this can read every back-reference in the run.
+    /// How far back a back-reference in the run may reach: the longest compressed message, or
+    /// the compressor's 32 KiB window if shorter. A client whose window (`server_max_window_bits`)
+    /// is at least this can read the run.
     pub window_bytes: usize,
 }
 
@@ -149,7 +159,10 @@ pub fn compress_frames(frames: &[u8]) -> Option<CompressedRun> {
                     frame::write_header(&mut run.bytes, true, header.opcode, compressed.len());
                     run.bytes[start] |= RSV1_BIT;
                     run.bytes.extend_from_slice(compressed);
-                    run.window_bytes = run.window_bytes.max(payload.len());
+                    // Back-references reach at most the message's start or the compressor's
+                    // own window (2^15), whichever is nearer.
+                    let reach = payload.len().min(1 << COMPRESSOR_WINDOW_BITS);
+                    run.window_bytes = run.window_bytes.max(reach);
                 }
                 (None, Some(run)) => run.bytes.extend_from_slice(&frames[at..end]),
                 (None, None) => {}
@@ -194,14 +207,27 @@ impl Inflate {
     /// [`INFLATE_CHUNK_BYTES`]. The sink enforces the size limit: its error stops inflating.
     pub fn push(
         &mut self,
-        mut input: &[u8],
+        input: &[u8],
         sink: &mut dyn FnMut(&[u8]) -> Result<(), InflateError>,
     ) -> Result<(), InflateError> {
-        let mut chunk = [0u8; INFLATE_CHUNK_BYTES];
+        INFLATE_CHUNK.with(|chunk| match chunk.try_borrow_mut() {
+            Ok(mut chunk) => self.push_through(input, &mut chunk, sink),
+            // Only if a sink inflated another message from inside this one: not our callers,
+            // but correct anyway with a buffer of its own.
+            Err(_) => self.push_through(input, &mut vec![0; INFLATE_CHUNK_BYTES], sink),
+        })
+    }
+
+    fn push_through(
+        &mut self,
+        mut input: &[u8],
+        chunk: &mut [u8],
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), InflateError>,
+    ) -> Result<(), InflateError> {
         while let Some(raw) = self.raw.as_mut() {
             let (in_before, out_before) = (raw.total_in(), raw.total_out());
             let status = raw
-                .decompress(input, &mut chunk, FlushDecompress::None)
+                .decompress(input, chunk, FlushDecompress::None)
                 .map_err(|_| InflateError::Corrupt)?;
             // Both deltas are bounded by the slices just passed in.
             let consumed = (raw.total_in() - in_before) as usize;
@@ -315,7 +341,7 @@ mod tests {
             assert!(*rsv1);
             assert_eq!(*opcode, OpCode::Text as u8);
             assert!(compressed.len() < payload.len() / 2, "{len}");
-            assert_eq!(run.window_bytes, len);
+            assert_eq!(run.window_bytes, len.min(32 * 1024));
             for piece in [1, 7, 100, 4096, usize::MAX] {
                 assert_eq!(
                     inflate(compressed, piece, len).unwrap(),
