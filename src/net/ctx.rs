@@ -104,7 +104,8 @@ impl Ctx<'_> {
     /// negotiated compression.
     pub fn set_compressed_window(&mut self, id: ConnId, window_bytes: usize) {
         if let Some(conn) = live_mut(self.conns, id) {
-            conn.compressed_window_bytes = u32::try_from(window_bytes).unwrap_or(u32::MAX);
+            // Windows are powers of two (RFC 7692 §7.1.2.1); a rounded-down one is still safe.
+            conn.compressed_window_bits = window_bytes.checked_ilog2().map_or(0, |bits| bits as u8);
         }
     }
 
@@ -134,9 +135,11 @@ impl Ctx<'_> {
         }
         // The compressed twin, when the peer takes it: built once per frame, on the first such
         // peer, and a refcount bump for every other one (no per-subscriber work or allocation).
-        let frame = frame
-            .for_window(conn.compressed_window_bytes as usize)
-            .clone();
+        let window_bytes = match conn.compressed_window_bits {
+            0 => 0,
+            bits => 1usize << bits,
+        };
+        let frame = frame.for_window(window_bytes).clone();
         // The hard limit is on backlog: a frame queued behind more than the limit trips it, so
         // one large reply (a `*` snapshot of many SKUs) to a reader that keeps up is fine.
         let backlog_over_hard = conn.send_queue.bytes() > core.limits.send_queue_bytes_max
