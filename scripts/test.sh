@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: every test against the embedded engine, then the protocol suites again
 # against the Redis engine. The tests use real peers (redis-server, Debian's chromium, node with
-# the npm dev dependencies); what is missing is installed here when we are root (as in CI), and
+# the npm dev dependencies, Python's kosoku and websockets); what is missing is installed here when we are root (as in CI), and
 # otherwise the tests that need it fail with a message saying what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,17 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 if command -v npm >/dev/null && [ ! -d node_modules ]; then
     npm ci --no-audit --no-fund
+fi
+# Real Python clients: the Autobahn driver (kosoku) and websockets, which offers
+# permessage-deflate by default (tests/autobahn.rs, tests/ws_deflate.rs).
+if [ ! -x .venv-autobahn/bin/python ]; then
+    python3 -m venv .venv-autobahn || {
+        [ "$(id -u)" -eq 0 ] && apt-get update && apt-get install -y python3-venv &&
+            python3 -m venv .venv-autobahn
+    }
+fi
+if ! .venv-autobahn/bin/python -c 'import kosoku, websockets' 2>/dev/null; then
+    .venv-autobahn/bin/pip install --quiet --disable-pip-version-check kosoku websockets
 fi
 cargo test --workspace
 # The protocol suites again, with every memory-only test server on a Redis of its own (the

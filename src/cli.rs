@@ -127,6 +127,12 @@ const FLAGS: &[Flag] = &[
         help: "largest WebSocket message (default 1048576; 1009 past it)",
     },
     Flag {
+        name: "--compression",
+        env: "STOCKSYNC_COMPRESSION",
+        value: "on|off",
+        help: "accept permessage-deflate offers (RFC 7692); off declines them (default on)",
+    },
+    Flag {
         name: "--max-subscriptions",
         env: "STOCKSYNC_MAX_SUBSCRIPTIONS",
         value: "N",
@@ -359,6 +365,7 @@ impl Settings {
                 let needed = bytes + 64 * 1024;
                 self.limits.read_buffer_bytes_max = self.limits.read_buffer_bytes_max.max(needed);
             }
+            "--compression" => self.limits.ws_compression = parse_bool(name, value)?,
             "--max-subscriptions" => {
                 self.service.subscriptions_per_conn_max = parse_number(name, value)?
             }
@@ -466,6 +473,15 @@ mod tests {
             .unwrap();
         assert_eq!(s.fsync, FsyncPolicy::Never);
         assert!(s.data_dir.is_none());
+        assert!(s.limits.ws_compression, "compression is on by default");
+        let env = |k: &str| (k == "STOCKSYNC_COMPRESSION").then(|| "off".to_string());
+        let s = Settings::parse(&[], env).unwrap().unwrap();
+        assert!(!s.limits.ws_compression);
+        let s = Settings::parse(&args(&["--compression=on"]), env)
+            .unwrap()
+            .unwrap();
+        assert!(s.limits.ws_compression, "the flag beats the variable");
+        assert!(Settings::parse(&args(&["--compression", "maybe"]), |_| None).is_err());
         assert!(Settings::parse(&args(&["--help"]), |_| None)
             .unwrap()
             .is_none());

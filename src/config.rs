@@ -47,8 +47,11 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// Server WebSocket ping interval (0 = no pings).
     pub ping_interval_ms: u64,
-    /// Largest WebSocket message accepted (all fragments); larger ones are closed with 1009.
+    /// Largest WebSocket message accepted (all fragments; inflated size when compressed); larger
+    /// ones are closed with 1009.
     pub ws_message_bytes_max: usize,
+    /// Accept permessage-deflate offers (RFC 7692); off declines every offer.
+    pub ws_compression: bool,
     /// HTTP request head limits (431 past them) and body limit (413 past it).
     pub http_headers_max: usize,
     pub http_head_bytes_max: usize,
@@ -73,6 +76,7 @@ impl Default for Limits {
             idle_timeout_ms: 60_000,
             ping_interval_ms: 25_000,
             ws_message_bytes_max: 1024 * 1024,
+            ws_compression: true,
             http_headers_max: 32,
             http_head_bytes_max: 8 * 1024,
             http_body_bytes_max: 1024 * 1024,
@@ -108,8 +112,13 @@ impl Limits {
             return fail("send queue frame limit must be at least 1");
         }
         // A whole maximum-size message plus a frame header must fit in the read buffer, or a
-        // legal message could never be decoded.
-        if self.read_buffer_bytes_max < self.ws_message_bytes_max + 14 {
+        // legal message could never be decoded (compressed, it may be a little longer).
+        let ws_payload_bytes_max = if self.ws_compression {
+            crate::ws::deflate::compressed_bytes_max(self.ws_message_bytes_max)
+        } else {
+            self.ws_message_bytes_max
+        };
+        if self.read_buffer_bytes_max < ws_payload_bytes_max + 14 {
             return fail("read buffer must hold the largest WebSocket message plus its header");
         }
         if self.read_buffer_bytes_max < self.http_head_bytes_max + self.http_body_bytes_max {

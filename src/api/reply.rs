@@ -50,7 +50,7 @@ fn write_head<W: Write>(out: &mut W, kind: &str, id: Option<&Value>) {
 pub fn frame(build: impl FnOnce(&mut FrameWriter)) -> Frame {
     let mut writer = FrameWriter::with_capacity(OpCode::Text, 128);
     build(&mut writer);
-    Frame::from(writer.finish())
+    crate::app::data_frame(writer.finish())
 }
 
 /// `{"type":"stock_update","stock":STATE}`: the broadcast, built once per change.

@@ -2,9 +2,9 @@
 //! accepted on any path. It exercises the core alone (loop, HTTP upgrade, RFC 6455) and is what
 //! WebSocket conformance suites such as Autobahn's fuzzingclient expect to talk to.
 
-use super::{Service, WsMessage};
+use super::{data_frame, Service, WsMessage};
 use crate::http::{Request, Response};
-use crate::net::{ConnId, Ctx, Frame};
+use crate::net::{ConnId, Ctx};
 use crate::ws::frame::{self, OpCode};
 
 pub struct Echo;
@@ -31,7 +31,8 @@ impl Service for Echo {
             WsMessage::Text(text) => frame::encode(OpCode::Text, text.as_bytes()),
             WsMessage::Binary(data) => frame::encode(OpCode::Binary, data),
         };
-        cx.send(id, Frame::from(bytes));
+        // Compressed back (once, if it pays) to a client that negotiated permessage-deflate.
+        cx.send(id, data_frame(bytes));
     }
 
     fn on_ws_close(&mut self, _cx: &mut Ctx<'_>, _id: ConnId) {}

@@ -9,7 +9,9 @@ pub use protocol::Protocol;
 
 use crate::http::request::Request;
 use crate::http::response::Response;
+use crate::net::send_queue::Compressed;
 use crate::net::{ConnId, Ctx, Frame, Pressure};
+use crate::ws::deflate;
 use crate::ws::frame::{self, OpCode};
 
 /// Protocol-level limits a connection can run into (see `config::Limits`).
@@ -77,7 +79,21 @@ pub trait Service {
 
 /// Frames a text payload once, ready to be queued to one or many connections.
 pub fn text_frame(payload: &[u8]) -> Frame {
-    Frame::from(frame::encode(OpCode::Text, payload))
+    data_frame(frame::encode(OpCode::Text, payload))
+}
+
+/// Shares complete WebSocket data frames (one, or a run of them) with every connection they are
+/// queued to; connections that negotiated permessage-deflate get them compressed, deflated once
+/// for all of them, when compressing pays ([`deflate::compress_frames`]).
+pub fn data_frame(frames: Vec<u8>) -> Frame {
+    Frame::compressible(frames, compress_frames)
+}
+
+fn compress_frames(frames: &[u8]) -> Option<Compressed> {
+    deflate::compress_frames(frames).map(|run| Compressed {
+        bytes: run.bytes,
+        window_bytes: run.window_bytes,
+    })
 }
 
 /// Payload room reserved up front by [`json_frame`]: a stock update fits, so the buffer does not
@@ -91,5 +107,5 @@ pub fn json_frame<T: serde::Serialize + ?Sized>(value: &T) -> Frame {
     // Serialising our own message types into memory cannot fail: they hold no maps with
     // non-string keys and the writer never returns an error.
     serde_json::to_writer(&mut writer, value).expect("serialising a reply into memory");
-    Frame::from(writer.finish())
+    data_frame(writer.finish())
 }

@@ -12,6 +12,7 @@ use crate::http::response::Response;
 use crate::net::{CloseReason, ConnId, Ctx, Frame, Handler, Pressure};
 use crate::ws::close;
 use crate::ws::codec::{Decoder, Message};
+use crate::ws::extensions;
 use crate::ws::frame::{self, OpCode};
 use crate::ws::handshake;
 
@@ -34,6 +35,11 @@ struct ConnProto {
     phase: Phase,
     last_input_ms: u64,
 }
+
+/// Per-connection protocol state stays at six words, as before permessage-deflate: the decoder's
+/// compression flag also holds `Phase`'s tag, and inflaters live only inside a message.
+const CONN_PROTO_BYTES_MAX: usize = 48;
+const _: () = assert!(std::mem::size_of::<ConnProto>() <= CONN_PROTO_BYTES_MAX);
 
 /// Refused handshakes are warned about at most this often (a scan with bad tokens or a
 /// misconfigured client would otherwise flood the log); the rest go to debug.
@@ -126,6 +132,12 @@ impl<S: Service> Protocol<S> {
                 return;
             }
         };
+        // RFC 7692: the first acceptable permessage-deflate offer, unless compression is off.
+        let deflate = if cx.limits().ws_compression {
+            extensions::negotiate(&headers)
+        } else {
+            None
+        };
         drop(headers);
         if let Err(response) = self.service.on_upgrade(cx, id, &req) {
             self.refused(
@@ -137,11 +149,23 @@ impl<S: Service> Protocol<S> {
             cx.close(id);
             return;
         }
-        cx.send(id, Frame::from(handshake::response_101(&key)));
+        let response_extensions = deflate.map(|agreed| agreed.response_value());
+        cx.send(
+            id,
+            Frame::from(handshake::response_101_with(
+                &key,
+                response_extensions.as_deref(),
+            )),
+        );
+        if let Some(agreed) = deflate {
+            debug!("{id} permessage-deflate: {agreed:?}");
+            cx.set_compressed_window(id, agreed.window_bytes());
+        }
         let now = cx.now_ms();
         if let Some(Some(state)) = self.conns.get_mut(id.index as usize) {
             state.phase = Phase::WebSocket {
-                decoder: Decoder::new(cx.limits().ws_message_bytes_max),
+                decoder: Decoder::new(cx.limits().ws_message_bytes_max)
+                    .with_compression(deflate.is_some()),
                 last_ping_ms: now,
             };
         }

@@ -109,12 +109,21 @@ pub struct Connection {
     pub above_high_mark: bool,
     /// The hard limit was hit (signalled once; the connection is then closed).
     pub over_hard_limit: bool,
+    /// The peer takes compressed frames decompressed with a window of 2^this bytes (0: it takes
+    /// none): queued frames whose compressed twin fits it are sent as the twin. A power of two
+    /// kept as its exponent, so the field fits in a byte of what was padding.
+    pub compressed_window_bits: u8,
     pub close_reason: Option<CloseReason>,
     /// The handler's deadline (timer ticks), 0 = none.
     pub deadline_tick: u64,
     /// Tick of the live wheel entry, 0 = none.
     pub armed_tick: u64,
 }
+
+/// Bytes of loop state per connection: 128 before permessage-deflate; its one byte
+/// (`compressed_window_bits`) costs a word of alignment. Raise only with a reason.
+const CONNECTION_BYTES_MAX: usize = 136;
+const _: () = assert!(std::mem::size_of::<Connection>() <= CONNECTION_BYTES_MAX);
 
 impl Connection {
     pub fn new(stream: TcpStream, generation: u32, peer_ip: IpAddr, peer_port: u16) -> Self {
@@ -132,6 +141,7 @@ impl Connection {
             read_paused: false,
             above_high_mark: false,
             over_hard_limit: false,
+            compressed_window_bits: 0,
             close_reason: None,
             deadline_tick: 0,
             armed_tick: 0,

@@ -101,6 +101,16 @@ impl Ctx<'_> {
             .collect()
     }
 
+    /// From now on, frames with a compressed twin go to this connection as the twin when it fits
+    /// a decompression window of `window_bytes` (0: never). Set once, after the handshake that
+    /// negotiated compression.
+    pub fn set_compressed_window(&mut self, id: ConnId, window_bytes: usize) {
+        if let Some(conn) = live_mut(self.conns, id) {
+            // Windows are powers of two (RFC 7692 §7.1.2.1); a rounded-down one is still safe.
+            conn.compressed_window_bits = window_bytes.checked_ilog2().map_or(0, |bits| bits as u8);
+        }
+    }
+
     /// Queues a frame, whatever the connection's pressure (replies are never dropped).
     pub fn send(&mut self, id: ConnId, frame: Frame) -> SendStatus {
         self.enqueue(id, &frame, false)
@@ -125,7 +135,13 @@ impl Ctx<'_> {
         if unless_full && conn.above_high_mark {
             return SendStatus::Full;
         }
-        let frame = frame.clone();
+        // The compressed twin, when the peer takes it: built once per frame, on the first such
+        // peer, and a refcount bump for every other one (no per-subscriber work or allocation).
+        let window_bytes = match conn.compressed_window_bits {
+            0 => 0,
+            bits => 1usize << bits,
+        };
+        let frame = frame.for_window(window_bytes).clone();
         // The hard limit is on backlog: a frame queued behind more than the limit trips it, so
         // one large reply (a `*` snapshot of many SKUs) to a reader that keeps up is fine.
         let backlog_over_hard = conn.send_queue.bytes() > core.limits.send_queue_bytes_max

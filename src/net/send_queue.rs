@@ -1,17 +1,126 @@
-//! A connection's bounded queue of outgoing frames.
+//! A connection's bounded queue of outgoing frames, and [`Frame`], the shared bytes it holds.
 //!
-//! Frames are shared, immutable byte slices (`Rc<[u8]>`): a broadcast frame is built once and each
-//! subscriber's queue holds a clone of the handle, which is a refcount bump, never a copy.
-//! The queue itself never refuses a frame: its owner (the event loop) compares [`SendQueue::bytes`]
-//! and [`SendQueue::len`] with the configured marks and decides between backpressure, conflation
-//! and close.
+//! Frames are shared and immutable: a broadcast frame is built once and each subscriber's queue
+//! holds a clone of the handle, which is a refcount bump, never a copy. A frame may also carry a
+//! compressed twin, built lazily at most once, the first time it is queued to a connection that
+//! takes compressed frames (see [`Frame::compressible`]); every such connection then gets a handle
+//! to that one twin. The queue itself never refuses a frame: its owner (the event loop) compares
+//! [`SendQueue::bytes`] and [`SendQueue::len`] with the configured marks and decides between
+//! backpressure, conflation and close.
 
+use std::cell::OnceCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
+use std::ops::Deref;
 use std::rc::Rc;
 
-/// One complete frame of bytes on the wire, shared by every connection it is queued to.
-pub type Frame = Rc<[u8]>;
+/// Builds the compressed twin of a frame's bytes: `None` when compressing does not pay. The
+/// transport does not know the encoding (the WebSocket layer provides it: permessage-deflate).
+pub type Compress = fn(&[u8]) -> Option<Compressed>;
+
+/// A frame's compressed twin.
+#[derive(Debug)]
+pub struct Compressed {
+    /// The frame bytes as compressed.
+    pub bytes: Vec<u8>,
+    /// The peer's decompression window this twin needs: a connection with a smaller one gets the
+    /// plain frame.
+    pub window_bytes: usize,
+}
+
+/// One complete frame (or run of frames) of bytes on the wire, shared by every connection it is
+/// queued to. Cloning is a refcount bump.
+#[derive(Clone)]
+pub struct Frame(Rc<Shared>);
+
+struct Shared {
+    bytes: Vec<u8>,
+    /// How to build the compressed twin; `None` for bytes that have none (HTTP, control frames).
+    compress: Option<Compress>,
+    /// The twin, once asked for: `None` inside when compressing did not pay.
+    twin: OnceCell<Option<(Frame, usize)>>,
+}
+
+impl Frame {
+    /// Bytes that go out as they are to every connection.
+    pub fn plain(bytes: Vec<u8>) -> Frame {
+        Frame(Rc::new(Shared {
+            bytes,
+            compress: None,
+            twin: OnceCell::new(),
+        }))
+    }
+
+    /// Bytes with a compressed twin for the connections that take it, built by `compress` the
+    /// first time one of them is sent this frame, and shared by all of them after that.
+    pub fn compressible(bytes: Vec<u8>, compress: Compress) -> Frame {
+        Frame(Rc::new(Shared {
+            bytes,
+            compress: Some(compress),
+            twin: OnceCell::new(),
+        }))
+    }
+
+    /// The handle to queue for a connection whose peer decompresses with a window of
+    /// `window_bytes` (0: takes no compressed frames).
+    pub fn for_window(&self, window_bytes: usize) -> &Frame {
+        let Some(compress) = self.0.compress.filter(|_| window_bytes > 0) else {
+            return self;
+        };
+        let twin = self.0.twin.get_or_init(|| {
+            compress(&self.0.bytes).map(|c| (Frame::plain(c.bytes), c.window_bytes))
+        });
+        match twin {
+            Some((twin, needed)) if *needed <= window_bytes => twin,
+            _ => self,
+        }
+    }
+
+    /// Whether the compressed twin has been built (for tests and metrics).
+    pub fn has_twin(&self) -> bool {
+        matches!(self.0.twin.get(), Some(Some(_)))
+    }
+
+    /// Handles to these bytes alive (for tests: a refcount, not a copy, per queue).
+    pub fn handles(&self) -> usize {
+        Rc::strong_count(&self.0)
+    }
+}
+
+impl Deref for Frame {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0.bytes
+    }
+}
+
+impl AsRef<[u8]> for Frame {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.bytes
+    }
+}
+
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frame")
+            .field("bytes", &self.0.bytes.len())
+            .field("compressible", &self.0.compress.is_some())
+            .finish()
+    }
+}
+
+impl From<Vec<u8>> for Frame {
+    fn from(bytes: Vec<u8>) -> Frame {
+        Frame::plain(bytes)
+    }
+}
+
+impl From<&[u8]> for Frame {
+    fn from(bytes: &[u8]) -> Frame {
+        Frame::plain(bytes.to_vec())
+    }
+}
 
 /// How many buffers one vectored write gathers (Linux's IOV_MAX is 1024; 64 already covers a
 /// whole iteration's worth of updates for one subscriber in practice).
@@ -181,7 +290,7 @@ mod tests {
         for i in 0..n {
             let f: Vec<u8> = (0..(i % 7 + 1)).map(|j| (i * 31 + j) as u8).collect();
             expected.extend_from_slice(&f);
-            q.push(Rc::from(f));
+            q.push(Frame::from(f));
         }
         (q, expected)
     }
@@ -237,11 +346,54 @@ mod tests {
 
     #[test]
     fn shared_frame_is_not_copied_per_queue() {
-        let frame: Frame = Rc::from(vec![1u8, 2, 3]);
+        let frame = Frame::from(vec![1u8, 2, 3]);
         let mut queues: Vec<SendQueue> = (0..10).map(|_| SendQueue::default()).collect();
         for q in &mut queues {
             q.push(frame.clone());
         }
-        assert_eq!(Rc::strong_count(&frame), 11);
+        assert_eq!(frame.handles(), 11);
+    }
+
+    thread_local! {
+        static COMPRESSIONS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+
+    /// A stand-in encoding: halves the bytes; needs a window as long as the input.
+    fn halve(bytes: &[u8]) -> Option<Compressed> {
+        COMPRESSIONS.with(|c| c.set(c.get() + 1));
+        (bytes.len() > 1).then(|| Compressed {
+            bytes: bytes[..bytes.len() / 2].to_vec(),
+            window_bytes: bytes.len(),
+        })
+    }
+
+    #[test]
+    fn compressed_twin_is_built_once_and_shared() {
+        let frame = Frame::compressible(vec![7u8; 100], halve);
+        let mut plain = SendQueue::default();
+        let mut compressed: Vec<SendQueue> = (0..10).map(|_| SendQueue::default()).collect();
+        COMPRESSIONS.with(|c| c.set(0));
+        plain.push(frame.for_window(0).clone());
+        assert!(!frame.has_twin(), "no compressing for a plain connection");
+        for q in &mut compressed {
+            q.push(frame.for_window(1 << 15).clone());
+        }
+        assert_eq!(COMPRESSIONS.with(|c| c.get()), 1);
+        assert_eq!(plain.bytes(), 100);
+        assert!(compressed.iter().all(|q| q.bytes() == 50));
+        let twin = frame.for_window(1 << 15);
+        assert_eq!(
+            twin.handles(),
+            11,
+            "one twin: its own handle and one per queue"
+        );
+        // A window too small for the twin gets the plain frame.
+        assert_eq!(frame.for_window(64).len(), 100);
+        // Compressing that does not pay is remembered too.
+        let tiny = Frame::compressible(vec![1u8], halve);
+        assert_eq!(tiny.for_window(1 << 15).len(), 1);
+        assert_eq!(tiny.for_window(1 << 15).len(), 1);
+        assert_eq!(COMPRESSIONS.with(|c| c.get()), 2);
+        assert_eq!(Frame::from(&b"abc"[..]).for_window(1 << 15).len(), 3);
     }
 }

@@ -16,10 +16,17 @@
 //! Payloads are unmasked in place in the caller's buffer. A message that fits in one frame is returned
 //! borrowing that buffer (no copy); only a fragmented message is assembled in the decoder, in memory
 //! that exists only while such a message is open.
+//!
+//! With permessage-deflate negotiated ([`Decoder::with_compression`]), a message whose first frame
+//! has RSV1 set is inflated as its frames arrive (RFC 7692 §7.2.2) into the same kind of assembly,
+//! with an inflater that exists only while that message is open. The limit applies to the inflated
+//! size: inflating stops, and the message fails with [`ProtocolError::MessageTooBig`], as soon as
+//! the output would pass it, whatever the compressed size.
 
 use std::fmt;
 
 use super::close;
+use super::deflate::{compressed_bytes_max, Inflate, InflateError};
 use super::frame::{FrameHeader, OpCode, CLIENT_HEADER_BYTES_MAX, CONTROL_PAYLOAD_BYTES_MAX};
 use super::mask::apply_mask;
 
@@ -55,11 +62,19 @@ pub struct CloseFrame<'a> {
 /// A violation of RFC 6455 by the client. Each one fails the connection (RFC 6455 §7.1.7).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProtocolError {
-    /// RSV1-3 set with no extension negotiated (RFC 6455 §5.2). `rsv` holds RSV1..RSV3 as bits 2..0.
+    /// RSV1-3 set with no extension negotiated that gives them a meaning (RFC 6455 §5.2). `rsv`
+    /// holds RSV1..RSV3 as bits 2..0 (RSV1 is left out when permessage-deflate is negotiated).
     ReservedBitsSet {
         /// The three reserved bits, RSV1 as the most significant.
         rsv: u8,
     },
+    /// RSV1 ("Per-Message Compressed") on a control frame or a continuation frame (RFC 7692 §6.1).
+    CompressedBitMisplaced {
+        /// The frame's opcode.
+        opcode: OpCode,
+    },
+    /// A compressed message that is not a valid raw deflate stream (RFC 7692 §7.2.2, RFC 1951).
+    InvalidCompressedData,
     /// An opcode reserved for future use, 3-7 or 11-15 (RFC 6455 §5.2).
     ReservedOpCode {
         /// The opcode bits.
@@ -124,11 +139,12 @@ impl ProtocolError {
     /// The status code to close the connection with (RFC 6455 §7.4.1).
     pub fn close_code(&self) -> u16 {
         match self {
-            ProtocolError::InvalidUtf8 { .. } | ProtocolError::InvalidCloseReason { .. } => {
-                close::INVALID_PAYLOAD
-            }
+            ProtocolError::InvalidUtf8 { .. }
+            | ProtocolError::InvalidCloseReason { .. }
+            | ProtocolError::InvalidCompressedData => close::INVALID_PAYLOAD,
             ProtocolError::MessageTooBig { .. } => close::MESSAGE_TOO_BIG,
             ProtocolError::ReservedBitsSet { .. }
+            | ProtocolError::CompressedBitMisplaced { .. }
             | ProtocolError::ReservedOpCode { .. }
             | ProtocolError::FragmentedControlFrame { .. }
             | ProtocolError::ControlFrameTooBig { .. }
@@ -150,6 +166,12 @@ impl fmt::Display for ProtocolError {
                     f,
                     "reserved bits set (RSV1-3 = {rsv:03b}) with no extension"
                 )
+            }
+            ProtocolError::CompressedBitMisplaced { opcode } => {
+                write!(f, "RSV1 (compressed) set on a {opcode:?} frame")
+            }
+            ProtocolError::InvalidCompressedData => {
+                write!(f, "compressed message is not valid deflate data")
             }
             ProtocolError::ReservedOpCode { opcode } => write!(f, "reserved opcode {opcode}"),
             ProtocolError::FragmentedControlFrame { opcode } => {
@@ -203,10 +225,12 @@ impl fmt::Display for ProtocolError {
 impl std::error::Error for ProtocolError {}
 
 /// Decodes one client's frames into messages; one per connection. See the module docs.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Decoder {
-    /// Largest message accepted, counting all fragments.
+    /// Largest message accepted, counting all fragments (inflated, when compressed).
     message_bytes_max: usize,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    compression: bool,
     /// The fragmented message being assembled, or just delivered. Boxed so an idle decoder is two
     /// words; `None` whenever no fragmented message is open, except between delivering one and the
     /// next call to [`Decoder::decode`], which frees it (the delivered message borrows it until then).
@@ -229,11 +253,15 @@ struct Peek {
 /// untouched until the whole frame is there).
 const PEEK_CHUNK_BYTES: usize = 512;
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Fragments {
     assembly: Assembly,
     /// The final fragment has arrived and the message was returned; free on the next decode.
     delivered: bool,
+    /// The message is compressed: its inflater, until the final fragment.
+    inflate: Option<Inflate>,
+    /// The message is compressed (stays set after `inflate` is used up).
+    compressed: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -262,9 +290,17 @@ impl Decoder {
     pub fn new(message_bytes_max: usize) -> Self {
         Decoder {
             message_bytes_max,
+            compression: false,
             fragments: None,
             peek: None,
         }
+    }
+
+    /// The same decoder on a connection that negotiated permessage-deflate (RFC 7692) when
+    /// `negotiated`: RSV1 on a message's first frame then means "compressed".
+    pub fn with_compression(mut self, negotiated: bool) -> Self {
+        self.compression = negotiated;
+        self
     }
 
     /// The message size limit this decoder was built with.
@@ -276,7 +312,17 @@ impl Decoder {
     /// decoded; any larger frame is refused from its header.
     pub fn frame_bytes_max(&self) -> usize {
         CLIENT_HEADER_BYTES_MAX
-            .saturating_add(self.message_bytes_max.max(CONTROL_PAYLOAD_BYTES_MAX))
+            .saturating_add(self.payload_bytes_max().max(CONTROL_PAYLOAD_BYTES_MAX))
+    }
+
+    /// Largest data frame payload: the message limit, or with compression the most that deflate
+    /// can take to encode a message within it.
+    fn payload_bytes_max(&self) -> usize {
+        if self.compression {
+            compressed_bytes_max(self.message_bytes_max)
+        } else {
+            self.message_bytes_max
+        }
     }
 
     /// Whether a fragmented message has started and not yet ended.
@@ -307,7 +353,7 @@ impl Decoder {
             // The caller is done with the message we lent out: free it rather than keep the capacity.
             self.fragments = None;
         }
-        let Some((header, header_bytes)) = FrameHeader::parse(buf)? else {
+        let Some((header, header_bytes)) = FrameHeader::parse_with(buf, self.compression)? else {
             return Ok(None);
         };
         // RFC 6455 §5.1: "a client MUST mask all frames that it sends to the server".
@@ -329,6 +375,13 @@ impl Decoder {
         apply_mask(payload, key);
         let payload: &'a [u8] = payload;
 
+        let open_compressed = self
+            .fragments
+            .as_deref()
+            .is_some_and(|f| f.compressed && !f.delivered);
+        if header.rsv1 || (header.opcode == OpCode::Continuation && open_compressed) {
+            return self.inflate_frame(&header, payload, frame_bytes);
+        }
         let message = match header.opcode {
             OpCode::Ping => Message::Ping(payload),
             OpCode::Pong => Message::Pong(payload),
@@ -355,6 +408,8 @@ impl Decoder {
                 let fragments = self.fragments.insert(Box::new(Fragments {
                     assembly,
                     delivered: false,
+                    inflate: None,
+                    compressed: false,
                 }));
                 fragments.assembly.push(payload, self.message_bytes_max)?;
                 return Ok(Some((frame_bytes, None)));
@@ -376,6 +431,80 @@ impl Decoder {
         Ok(Some((frame_bytes, Some(message))))
     }
 
+    /// A frame of a compressed message: its first (RSV1 set) or a continuation. The payload is
+    /// inflated into the assembly; the final frame adds the RFC 7692 §7.2.2 tail and delivers.
+    fn inflate_frame<'a>(
+        &'a mut self,
+        header: &FrameHeader,
+        payload: &[u8],
+        frame_bytes: usize,
+    ) -> Result<Option<(usize, Option<Message<'a>>)>, ProtocolError> {
+        let message_bytes_max = self.message_bytes_max;
+        if header.rsv1 {
+            // `admit` ensured no fragmented message is open.
+            let assembly = match header.opcode {
+                OpCode::Text => Assembly::Text {
+                    text: String::new(),
+                    tail: Utf8Tail::default(),
+                },
+                _ => Assembly::Binary { bytes: Vec::new() },
+            };
+            self.fragments = Some(Box::new(Fragments {
+                assembly,
+                delivered: false,
+                inflate: Some(Inflate::start()),
+                compressed: true,
+            }));
+        }
+        let Some(fragments) = self.fragments.as_deref_mut() else {
+            return Err(ProtocolError::UnexpectedContinuation);
+        };
+        let Fragments {
+            assembly, inflate, ..
+        } = fragments;
+        let Some(inflater) = inflate.as_mut() else {
+            return Err(ProtocolError::UnexpectedContinuation);
+        };
+        let mut failure = None;
+        let mut sink = |chunk: &[u8]| {
+            let message_bytes = assembly.len() + chunk.len();
+            if message_bytes > message_bytes_max {
+                failure = Some(ProtocolError::MessageTooBig {
+                    message_bytes: message_bytes as u64,
+                    message_bytes_max,
+                });
+                return Err(InflateError::TooBig {
+                    bytes: message_bytes as u64,
+                });
+            }
+            assembly.push(chunk, message_bytes_max).map_err(|error| {
+                failure = Some(error);
+                InflateError::Corrupt
+            })
+        };
+        let mut outcome = inflater.push(payload, &mut sink);
+        if outcome.is_ok() && header.fin {
+            if let Some(inflater) = inflate.take() {
+                outcome = inflater.finish(&mut sink);
+            }
+        }
+        if let Err(error) = outcome {
+            return Err(failure.unwrap_or(match error {
+                InflateError::TooBig { bytes } => ProtocolError::MessageTooBig {
+                    message_bytes: bytes,
+                    message_bytes_max,
+                },
+                InflateError::Corrupt => ProtocolError::InvalidCompressedData,
+            }));
+        }
+        if !header.fin {
+            return Ok(Some((frame_bytes, None)));
+        }
+        fragments.delivered = true;
+        let message = fragments.assembly.message()?;
+        Ok(Some((frame_bytes, Some(message))))
+    }
+
     /// Checks the part of an incomplete text frame's payload that has arrived, so invalid UTF-8
     /// fails the connection at once instead of after the rest of a large frame (Autobahn 6.4.x
     /// "fail fast"). Works on an unmasked copy: `buf` stays as it was.
@@ -385,13 +514,16 @@ impl Decoder {
         key: [u8; 4],
         available: &[u8],
     ) -> Result<(), ProtocolError> {
+        // A compressed payload is not text until it is inflated.
         let starting_tail = match (header.opcode, self.fragments.as_deref()) {
-            (OpCode::Text, _) => Utf8Tail::default(),
+            (OpCode::Text, _) if !header.rsv1 => Utf8Tail::default(),
             (
                 OpCode::Continuation,
                 Some(Fragments {
                     assembly: Assembly::Text { tail, .. },
                     delivered: false,
+                    compressed: false,
+                    ..
                 }),
             ) => *tail,
             _ => return Ok(()),
@@ -426,11 +558,15 @@ impl Decoder {
     /// length as a `usize`. Runs before the payload is buffered.
     fn admit(&self, header: &FrameHeader) -> Result<usize, ProtocolError> {
         let open = self.fragments.as_deref().filter(|f| !f.delivered);
+        let compressed = header.rsv1 || open.is_some_and(|f| f.compressed);
         let buffered_bytes = match header.opcode {
             // RFC 6455 §5.4: control frames MAY be injected in the middle of a fragmented message,
             // and do not count towards its size. `FrameHeader::parse` bounded them to 125 bytes.
             OpCode::Ping | OpCode::Pong | OpCode::Close => 0,
+            // A compressed message's inflated size is checked as it is inflated; here only the
+            // frame itself must fit the limit, as the caller buffers it whole.
             OpCode::Continuation => match open {
+                Some(fragments) if fragments.compressed => 0,
                 Some(fragments) => fragments.assembly.len(),
                 None => return Err(ProtocolError::UnexpectedContinuation),
             },
@@ -451,7 +587,12 @@ impl Decoder {
             message_bytes_max: self.message_bytes_max,
         };
         let payload_len = usize::try_from(header.payload_len).map_err(|_| too_big)?;
-        if !header.opcode.is_control() && message_bytes > self.message_bytes_max as u64 {
+        let bytes_max = if compressed && !header.opcode.is_control() {
+            self.payload_bytes_max()
+        } else {
+            self.message_bytes_max
+        };
+        if !header.opcode.is_control() && message_bytes > bytes_max as u64 {
             return Err(too_big);
         }
         Ok(payload_len)
@@ -748,7 +889,7 @@ mod tests {
         let base = decoder_after(TABLE_MESSAGE_BYTES_MAX, setup);
         let expected: Outcome = Ok(Some((frame_bytes.len(), expected.clone())));
         for split in splits {
-            let mut decoder = base.clone();
+            let mut decoder = decoder_after(TABLE_MESSAGE_BYTES_MAX, setup);
             let mut prefix = frame_bytes[..split].to_vec();
             assert_eq!(
                 decode_owned(&mut decoder, &mut prefix),
@@ -775,7 +916,10 @@ mod tests {
         let mut followed = frame_bytes.to_vec();
         followed.extend_from_slice(&[0x81, 0x80]);
         assert_eq!(
-            decode_owned(&mut base.clone(), &mut followed),
+            decode_owned(
+                &mut decoder_after(TABLE_MESSAGE_BYTES_MAX, setup),
+                &mut followed
+            ),
             expected,
             "{name}: followed by another frame"
         );
@@ -784,10 +928,11 @@ mod tests {
     #[test]
     fn idle_decoder_is_small() {
         assert!(std::mem::size_of::<Decoder>() <= DECODER_BYTES_MAX);
-        // The limit and two boxes that are `None` while idle: nothing on the heap.
+        // The limit, the compression flag and two boxes that are `None` while idle: nothing on
+        // the heap. (The flag's spare values also hold the tag of the enum a decoder lives in.)
         assert_eq!(
             std::mem::size_of::<Decoder>(),
-            3 * std::mem::size_of::<usize>()
+            4 * std::mem::size_of::<usize>()
         );
         assert!(Decoder::new(100).peek.is_none());
     }
@@ -840,6 +985,8 @@ mod tests {
         assert_eq!(Decoder::new(1000).frame_bytes_max(), 14 + 1000);
         assert_eq!(Decoder::new(10).frame_bytes_max(), 14 + 125);
         assert_eq!(Decoder::new(usize::MAX).frame_bytes_max(), usize::MAX);
+        let compressing = Decoder::new(1 << 20).with_compression(true);
+        assert_eq!(compressing.frame_bytes_max(), 14 + (1 << 20) + 128 + 64);
         assert_eq!(Decoder::new(1000).message_bytes_max(), 1000);
     }
 
@@ -1461,10 +1608,10 @@ mod tests {
         ];
         for case in cases {
             let name = case.name;
-            let base = decoder_after(case.message_bytes_max, &case.setup);
+            let base = || decoder_after(case.message_bytes_max, &case.setup);
             let mut buf = case.frame.clone();
             assert_eq!(
-                decode_owned(&mut base.clone(), &mut buf),
+                decode_owned(&mut base(), &mut buf),
                 Err(case.expected),
                 "{name}"
             );
@@ -1473,7 +1620,7 @@ mod tests {
                 _ => case.frame.len().min(CLIENT_HEADER_BYTES_MAX),
             };
             let mut header_only = case.frame[..header_bytes].to_vec();
-            let outcome = decode_owned(&mut base.clone(), &mut header_only);
+            let outcome = decode_owned(&mut base(), &mut header_only);
             if case.from_header {
                 assert_eq!(outcome, Err(case.expected), "{name}: from the header alone");
             } else {
@@ -1543,6 +1690,316 @@ mod tests {
             let expected = expected.map(str::to_owned);
             assert_eq!(outcome, Some(expected), "{fragments:02x?}");
         }
+    }
+
+    /// `data` as a permessage-deflate sender makes it: raw deflate, sync flush, tail stripped
+    /// (RFC 7692 §7.2.1).
+    fn deflated(data: &[u8]) -> Vec<u8> {
+        let mut compress = flate2::Compress::new(flate2::Compression::default(), false);
+        let mut out = Vec::with_capacity(data.len() + 64);
+        compress
+            .compress_vec(data, &mut out, flate2::FlushCompress::Sync)
+            .unwrap();
+        assert!(out.ends_with(&super::super::deflate::TAIL));
+        out.truncate(out.len() - 4);
+        out
+    }
+
+    /// A masked client frame with RSV1 set.
+    fn compressed(fin: bool, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+        let first = if fin { 0x80 } else { 0 } | 0x40 | opcode as u8;
+        test_client::raw(first, Some(KEY), Length::Minimal, payload)
+    }
+
+    /// Text long enough to compress well, mixing character widths.
+    fn prose(len: usize) -> String {
+        let mut text = String::new();
+        while text.len() < len {
+            text.push_str("stock of sku-été € 𝄞 changed; ");
+        }
+        while text.len() > len {
+            text.pop();
+        }
+        text
+    }
+
+    #[test]
+    fn compressed_messages_table() {
+        use ProtocolError::*;
+        let hello = deflated(b"Hello");
+        let long = prose(5000);
+        let long_deflated = deflated(long.as_bytes());
+        let third = long_deflated.len() / 3;
+        let zeros = deflated(&vec![0u8; 1 << 20]);
+        let bomb_fragments: Vec<Vec<u8>> = zeros
+            .chunks(100)
+            .enumerate()
+            .map(|(index, piece)| {
+                let last = (index + 1) * 100 >= zeros.len();
+                if index == 0 {
+                    compressed(last, OpCode::Binary, piece)
+                } else {
+                    frame(last, OpCode::Continuation, piece)
+                }
+            })
+            .collect();
+        let too_big = MessageTooBig {
+            message_bytes: 64 * 1024 + 1,
+            message_bytes_max: 64 * 1024,
+        };
+        // (name, limit, frames, expected messages, expected error after them)
+        type Case = (
+            &'static str,
+            usize,
+            Vec<Vec<u8>>,
+            Vec<Owned>,
+            Option<ProtocolError>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "single compressed text",
+                100,
+                vec![compressed(true, OpCode::Text, &hello)],
+                vec![Owned::text("Hello")],
+                None,
+            ),
+            (
+                "RFC 7692 §7.2.3.1 bytes",
+                100,
+                vec![compressed(
+                    true,
+                    OpCode::Text,
+                    &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00],
+                )],
+                vec![Owned::text("Hello")],
+                None,
+            ),
+            (
+                "RFC 7692 §7.2.3.1, fragmented: RSV1 on the first frame only",
+                100,
+                vec![
+                    compressed(false, OpCode::Text, &[0xf2, 0x48, 0xcd]),
+                    frame(true, OpCode::Continuation, &[0xc9, 0xc9, 0x07, 0x00]),
+                ],
+                vec![Owned::text("Hello")],
+                None,
+            ),
+            (
+                "compressed binary, empty",
+                100,
+                vec![compressed(true, OpCode::Binary, &deflated(b""))],
+                vec![Owned::Binary(vec![])],
+                None,
+            ),
+            (
+                "fragmented compressed text with a ping between fragments",
+                TABLE_MESSAGE_BYTES_MAX,
+                vec![
+                    compressed(false, OpCode::Text, &long_deflated[..third]),
+                    frame(true, OpCode::Ping, b"p"),
+                    frame(
+                        false,
+                        OpCode::Continuation,
+                        &long_deflated[third..2 * third],
+                    ),
+                    frame(false, OpCode::Continuation, &[]),
+                    frame(true, OpCode::Continuation, &long_deflated[2 * third..]),
+                ],
+                vec![Owned::Ping(b"p".to_vec()), Owned::text(&long)],
+                None,
+            ),
+            (
+                "compressed, plain, compressed",
+                100,
+                vec![
+                    compressed(true, OpCode::Text, &hello),
+                    frame(true, OpCode::Text, b"plain"),
+                    frame(false, OpCode::Binary, b"pl"),
+                    frame(true, OpCode::Continuation, b"ain"),
+                    compressed(true, OpCode::Binary, &hello),
+                ],
+                vec![
+                    Owned::text("Hello"),
+                    Owned::text("plain"),
+                    Owned::Binary(b"plain".to_vec()),
+                    Owned::Binary(b"Hello".to_vec()),
+                ],
+                None,
+            ),
+            (
+                "exactly at the limit",
+                5,
+                vec![compressed(true, OpCode::Text, &hello)],
+                vec![Owned::text("Hello")],
+                None,
+            ),
+            (
+                "one byte past the limit",
+                4,
+                vec![compressed(true, OpCode::Text, &hello)],
+                vec![],
+                Some(MessageTooBig {
+                    message_bytes: 5,
+                    message_bytes_max: 4,
+                }),
+            ),
+            (
+                "zip bomb: 1 MiB of zeros in about a kilobyte",
+                64 * 1024,
+                vec![compressed(true, OpCode::Binary, &zeros)],
+                vec![],
+                Some(too_big),
+            ),
+            (
+                "zip bomb in fragments",
+                64 * 1024,
+                bomb_fragments,
+                vec![],
+                Some(too_big),
+            ),
+            (
+                "invalid deflate data",
+                100,
+                vec![compressed(true, OpCode::Text, &[0xff, 0xff])],
+                vec![],
+                Some(InvalidCompressedData),
+            ),
+            (
+                "compressed text that is not UTF-8",
+                100,
+                vec![compressed(
+                    true,
+                    OpCode::Text,
+                    &deflated(&[b'o', b'k', 0xff]),
+                )],
+                vec![],
+                Some(InvalidUtf8 { valid_up_to: 2 }),
+            ),
+            (
+                "compressed text ending inside a character",
+                100,
+                vec![compressed(
+                    true,
+                    OpCode::Text,
+                    &deflated(&[b'o', 0xe2, 0x82]),
+                )],
+                vec![],
+                Some(InvalidUtf8 { valid_up_to: 1 }),
+            ),
+            (
+                "RSV1 on a continuation frame",
+                100,
+                vec![
+                    compressed(false, OpCode::Text, &hello[..2]),
+                    compressed(true, OpCode::Continuation, &hello[2..]),
+                ],
+                vec![],
+                Some(CompressedBitMisplaced {
+                    opcode: OpCode::Continuation,
+                }),
+            ),
+            (
+                "RSV1 on a ping",
+                100,
+                vec![compressed(true, OpCode::Ping, b"")],
+                vec![],
+                Some(CompressedBitMisplaced {
+                    opcode: OpCode::Ping,
+                }),
+            ),
+            (
+                "RSV1 on a close",
+                100,
+                vec![compressed(true, OpCode::Close, &[0x03, 0xe8])],
+                vec![],
+                Some(CompressedBitMisplaced {
+                    opcode: OpCode::Close,
+                }),
+            ),
+            (
+                "RSV2 is still reserved",
+                100,
+                vec![test_client::raw(
+                    0x80 | 0x20 | 1,
+                    Some(KEY),
+                    Length::Minimal,
+                    b"x",
+                )],
+                vec![],
+                Some(ReservedBitsSet { rsv: 0b010 }),
+            ),
+        ];
+        for (name, limit, frames, expected, error) in cases {
+            let stream = frames.concat();
+            for chunks in [&[usize::MAX][..], &[1], &[3, 17, 64]] {
+                let mut decoder = Decoder::new(limit).with_compression(true);
+                let (messages, failure) = drive(&mut decoder, &stream, chunks, false);
+                assert_eq!(messages, expected, "{name} in chunks of {chunks:?}");
+                // How far past the limit inflating got depends on where a chunk ended: at
+                // most one chunk, which is held in the thread's chunk buffer, not in the message.
+                let failure = match (failure, error) {
+                    (
+                        Some(MessageTooBig {
+                            message_bytes,
+                            message_bytes_max,
+                        }),
+                        Some(MessageTooBig { .. }),
+                    ) if message_bytes > message_bytes_max as u64
+                        && message_bytes
+                            <= (message_bytes_max + super::super::deflate::INFLATE_CHUNK_BYTES)
+                                as u64 =>
+                    {
+                        error
+                    }
+                    _ => failure,
+                };
+                assert_eq!(failure, error, "{name} in chunks of {chunks:?}");
+                if let Some(error) = failure {
+                    let code = match error {
+                        MessageTooBig { .. } => close::MESSAGE_TOO_BIG,
+                        InvalidUtf8 { .. } | InvalidCompressedData => close::INVALID_PAYLOAD,
+                        _ => close::PROTOCOL_ERROR,
+                    };
+                    assert_eq!(error.close_code(), code, "{name}");
+                    assert!(!error.to_string().is_empty());
+                } else {
+                    assert!(!decoder.in_fragmented_message(), "{name}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rsv1_without_negotiation_is_a_protocol_error() {
+        for mut decoder in [Decoder::new(100), Decoder::new(100).with_compression(false)] {
+            let mut buf = compressed(true, OpCode::Text, &deflated(b"Hello"));
+            let error = decode_owned(&mut decoder, &mut buf).unwrap_err();
+            assert_eq!(error, ProtocolError::ReservedBitsSet { rsv: 0b100 });
+            assert_eq!(error.close_code(), close::PROTOCOL_ERROR);
+        }
+    }
+
+    #[test]
+    fn compressed_message_memory_is_freed_after_delivery() {
+        let text = prose(3000);
+        let mut decoder = Decoder::new(10_000).with_compression(true);
+        let mut buf = compressed(false, OpCode::Text, &deflated(text.as_bytes()));
+        assert_eq!(
+            decode_owned(&mut decoder, &mut buf).unwrap().unwrap().1,
+            None
+        );
+        assert!(decoder.in_fragmented_message());
+        assert_eq!(decoder.buffered_bytes(), text.len());
+        let mut end = frame(true, OpCode::Continuation, &[]);
+        let delivered = decode_owned(&mut decoder, &mut end).unwrap().unwrap().1;
+        assert_eq!(delivered, Some(Owned::text(&text)));
+        let mut ping = frame(true, OpCode::Ping, b"");
+        decode_owned(&mut decoder, &mut ping).unwrap();
+        assert!(
+            decoder.fragments.is_none(),
+            "assembly and inflater are gone"
+        );
+        assert_eq!(decoder.buffered_bytes(), 0);
     }
 
     /// Feeds `stream` to `decoder` in chunks of the given sizes (cycled), as reads from a socket

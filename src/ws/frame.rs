@@ -36,8 +36,11 @@ const MASK_KEY_BYTES: usize = 4;
 const _: () = assert!(CLIENT_HEADER_BYTES_MAX == SERVER_HEADER_BYTES_MAX + MASK_KEY_BYTES);
 
 const FIN_BIT: u8 = 0x80;
-/// RSV1, RSV2 and RSV3: meaningful only to a negotiated extension, and we negotiate none.
+/// RSV1, RSV2 and RSV3: meaningful only to a negotiated extension.
 const RSV_BITS: u8 = 0x70;
+/// RSV1 alone: permessage-deflate's "Per-Message Compressed" bit (RFC 7692 §6), the only
+/// reserved bit an extension we negotiate gives a meaning to.
+const RSV1_BIT: u8 = 0x40;
 const OPCODE_BITS: u8 = 0x0f;
 const MASK_BIT: u8 = 0x80;
 const LENGTH_BITS: u8 = 0x7f;
@@ -94,6 +97,9 @@ pub struct FrameHeader {
     pub fin: bool,
     /// Frame type.
     pub opcode: OpCode,
+    /// RSV1: the message this frame starts is compressed (RFC 7692 §6). Only ever set when the
+    /// caller allowed it, and then only on a text or binary frame.
+    pub rsv1: bool,
     /// Masking key; client frames must have one (RFC 6455 §5.1), which the decoder checks.
     pub mask: Option<[u8; 4]>,
     /// Payload bytes following the header. Below 2^63 (RFC 6455 §5.2), and at most
@@ -115,19 +121,35 @@ impl FrameHeader {
     /// number of bytes MUST be used, but rejecting them protects nothing. Whether a mask is required
     /// is the caller's decision, so a missing mask is not an error here.
     pub fn parse(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, ProtocolError> {
+        Self::parse_with(buf, false)
+    }
+
+    /// [`FrameHeader::parse`] on a connection that negotiated permessage-deflate when
+    /// `rsv1_allowed`: RSV1 is then accepted on the first frame of a data message (text or
+    /// binary) and still refused on control and continuation frames (RFC 7692 §6.1: "An endpoint
+    /// MUST NOT set the Per-Message Compressed bit of control frames and non-first fragments").
+    pub fn parse_with(
+        buf: &[u8],
+        rsv1_allowed: bool,
+    ) -> Result<Option<(FrameHeader, usize)>, ProtocolError> {
         let &[first, second, ref rest @ ..] = buf else {
             return Ok(None);
         };
-        let rsv = (first & RSV_BITS) >> 4;
+        let allowed = if rsv1_allowed { RSV1_BIT } else { 0 };
+        let rsv = (first & RSV_BITS & !allowed) >> 4;
         if rsv != 0 {
             return Err(ProtocolError::ReservedBitsSet { rsv });
         }
+        let rsv1 = first & allowed != 0;
         let opcode_bits = first & OPCODE_BITS;
         let Some(opcode) = OpCode::from_bits(opcode_bits) else {
             return Err(ProtocolError::ReservedOpCode {
                 opcode: opcode_bits,
             });
         };
+        if rsv1 && !matches!(opcode, OpCode::Text | OpCode::Binary) {
+            return Err(ProtocolError::CompressedBitMisplaced { opcode });
+        }
         let fin = first & FIN_BIT != 0;
         // RFC 6455 §5.5: "Control frames themselves MUST NOT be fragmented."
         if opcode.is_control() && !fin {
@@ -174,6 +196,7 @@ impl FrameHeader {
         let header = FrameHeader {
             fin,
             opcode,
+            rsv1,
             mask,
             payload_len,
         };
@@ -352,8 +375,61 @@ mod tests {
         FrameHeader {
             fin,
             opcode,
+            rsv1: false,
             mask,
             payload_len,
+        }
+    }
+
+    #[test]
+    fn rsv1_only_where_permessage_deflate_allows_it() {
+        // (first byte, allowed, outcome)
+        let cases: &[(u8, bool, Result<bool, ProtocolError>)] = &[
+            (0x81, false, Ok(false)),
+            (0x81, true, Ok(false)),
+            (0xc1, true, Ok(true)),
+            (0x42, true, Ok(true)),
+            (
+                0xc1,
+                false,
+                Err(ProtocolError::ReservedBitsSet { rsv: 0b100 }),
+            ),
+            (
+                0xe1,
+                true,
+                Err(ProtocolError::ReservedBitsSet { rsv: 0b010 }),
+            ),
+            (
+                0xd1,
+                true,
+                Err(ProtocolError::ReservedBitsSet { rsv: 0b001 }),
+            ),
+            (
+                0xc0,
+                true,
+                Err(ProtocolError::CompressedBitMisplaced {
+                    opcode: OpCode::Continuation,
+                }),
+            ),
+            (
+                0xc9,
+                true,
+                Err(ProtocolError::CompressedBitMisplaced {
+                    opcode: OpCode::Ping,
+                }),
+            ),
+            (
+                0xc8,
+                true,
+                Err(ProtocolError::CompressedBitMisplaced {
+                    opcode: OpCode::Close,
+                }),
+            ),
+        ];
+        for &(first, allowed, expected) in cases {
+            let outcome = FrameHeader::parse_with(&[first, 0x00], allowed)
+                .map(|parsed| parsed.expect("two bytes are a whole header").0.rsv1);
+            assert_eq!(outcome, expected, "{first:#04x} allowed={allowed}");
         }
     }
 

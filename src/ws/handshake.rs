@@ -189,6 +189,12 @@ fn has_token(value: &[u8], token: &str) -> bool {
 ///
 /// `key` is the value [`validate`] returned.
 pub fn response_101(key: &[u8]) -> Vec<u8> {
+    response_101_with(key, None)
+}
+
+/// [`response_101`] with a `Sec-WebSocket-Extensions` field when extensions were agreed
+/// (RFC 6455 §4.2.2 item 5.5; the value comes from [`super::extensions::Agreement`]).
+pub fn response_101_with(key: &[u8], extensions: Option<&str>) -> Vec<u8> {
     let accept = accept_key(key);
     let mut response = Vec::with_capacity(128);
     response.extend_from_slice(
@@ -198,6 +204,10 @@ pub fn response_101(key: &[u8]) -> Vec<u8> {
           Sec-WebSocket-Accept: ",
     );
     response.extend_from_slice(accept.as_bytes());
+    if let Some(extensions) = extensions {
+        response.extend_from_slice(b"\r\nSec-WebSocket-Extensions: ");
+        response.extend_from_slice(extensions.as_bytes());
+    }
     response.extend_from_slice(b"\r\n\r\n");
     response
 }
@@ -494,6 +504,14 @@ mod tests {
              Sec-WebSocket-Accept: {RFC_ACCEPT}\r\n\r\n"
         );
         assert_eq!(String::from_utf8(response_101(RFC_KEY)).unwrap(), expected);
+        let with = String::from_utf8(response_101_with(RFC_KEY, Some("permessage-deflate")));
+        assert_eq!(
+            with.unwrap(),
+            expected.replace(
+                "\r\n\r\n",
+                "\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+            )
+        );
     }
 
     #[test]

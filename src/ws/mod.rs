@@ -12,14 +12,20 @@
 //!   building a broadcast frame once, in place).
 //! - [`mask`]: the XOR masking of client payloads.
 //! - [`close`]: close status codes.
+//! - [`extensions`]: the permessage-deflate negotiation (RFC 7692 §5, §7.1).
+//! - [`deflate`]: compressing server frames once for every connection that negotiated it, and
+//!   inflating client messages within the message size limit (RFC 7692 §7.2).
 //!
-//! Server frames are never masked and never use extensions; no extension or subprotocol is negotiated.
+//! Server frames are never masked. The only extension negotiated is permessage-deflate; no
+//! subprotocol is.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod close;
 pub mod codec;
+pub mod deflate;
+pub mod extensions;
 pub mod frame;
 pub mod handshake;
 pub mod mask;

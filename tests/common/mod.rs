@@ -511,3 +511,59 @@ impl Rng {
         self.below(n as u64) as usize
     }
 }
+
+/// Python 3 in the project's virtualenv (`.venv-autobahn` at the repository root) with
+/// `packages` importable: created and installed here if missing (`.ci/run` does it up front).
+/// Panics with what to install when it cannot be done; a test that needs a real Python client
+/// never skips silently.
+pub fn python_with(packages: &[&str]) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join(".venv-autobahn");
+    let python = venv.join("bin/python");
+    let help = "these tests need Python 3 with the venv module (Debian/Ubuntu: \
+                `apt-get install -y python3 python3-venv`) and the PyPI packages kosoku and \
+                websockets in .venv-autobahn: `python3 -m venv .venv-autobahn && \
+                .venv-autobahn/bin/pip install kosoku websockets` (.ci/run does this)";
+    // One process at a time: test binaries run in parallel and would race to create it.
+    let lock_path = std::env::temp_dir().join("stocksync-venv.lock");
+    let lock = std::fs::File::create(&lock_path).expect("venv lock file");
+    // SAFETY: flock on a descriptor this function owns for its whole duration; no memory is
+    // passed to the kernel.
+    let locked = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    assert_eq!(locked, 0, "locking {}", lock_path.display());
+    let imports = |python: &std::path::Path| {
+        let script = packages
+            .iter()
+            .map(|p| format!("import {p}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Command::new(python)
+            .args(["-c", &script])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !imports(&python) {
+        if !python.exists() {
+            let created = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status();
+            assert!(
+                created.is_ok_and(|s| s.success()),
+                "cannot create {}: {help}",
+                venv.display()
+            );
+        }
+        let installed = Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(packages)
+            .status();
+        assert!(
+            installed.is_ok_and(|s| s.success()) && imports(&python),
+            "cannot install {packages:?} into {}: {help}",
+            venv.display()
+        );
+    }
+    python
+}
