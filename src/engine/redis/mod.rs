@@ -377,9 +377,15 @@ impl RedisEngine {
     /// The command link failed: every write in flight has an unknown outcome.
     fn cmd_down(&mut self, cx: &mut Ctx<'_>, why: String) {
         if let Some(link) = self.cmd.take() {
+            // Only a link that was up is news; failed attempts while Redis stays away are not
+            // (the reason is in /healthz), so the log is not flooded at every backoff step.
+            if link.is_connected() {
+                warn!("Redis command link lost: {why}");
+                self.stats.reconnects_total += 1;
+            } else {
+                log::debug!("Redis command link attempt failed: {why}");
+            }
             link.close(cx);
-            warn!("Redis command link lost: {why}");
-            self.stats.reconnects_total += 1;
         }
         self.last_error = Some(why);
         let retry_at_ms = self.now_ms + self.backoff_ms();
@@ -405,9 +411,13 @@ impl RedisEngine {
 
     fn feed_down(&mut self, cx: &mut Ctx<'_>, why: String) {
         if let Some(link) = self.feed.take() {
+            if link.is_connected() {
+                warn!("Redis change feed lost: {why}");
+                self.stats.reconnects_total += 1;
+            } else {
+                log::debug!("Redis change feed attempt failed: {why}");
+            }
             link.close(cx);
-            warn!("Redis change feed lost: {why}");
-            self.stats.reconnects_total += 1;
         }
         self.last_error = Some(why);
         let retry_at_ms = self.now_ms + self.backoff_ms();
@@ -571,7 +581,9 @@ impl RedisEngine {
         if epoch.is_empty() || epoch == self.epoch {
             return;
         }
-        if self.epoch.is_empty() {
+        // Nothing was ever seen: a new epoch loses nothing (a fresh Redis behind a fresh
+        // inventory), so it is adopted quietly.
+        if self.epoch.is_empty() || (self.applied_seq == 0 && self.replica.known_len() == 0) {
             self.epoch = epoch.to_string();
             return;
         }
@@ -787,6 +799,9 @@ impl RedisEngine {
         };
         match items.first().and_then(Value::as_str) {
             Some("subscribe") => {
+                if self.last_error.is_some() {
+                    log::info!("Redis change feed subscribed again; catching up");
+                }
                 self.feed_subscribed = true;
                 self.reconnect_attempts = 0;
                 // Anything published before the subscription took effect is read back.
