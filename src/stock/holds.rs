@@ -936,4 +936,161 @@ mod tests {
             assert!(!hold_id_is_valid(bad), "{bad}");
         }
     }
+
+    /// One step of the model-based property test.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Take {
+            hold: u8,
+            sku: u8,
+            units: u64,
+            ttl_ms: Option<u64>,
+        },
+        Anonymous {
+            sku: u8,
+            action: Action,
+            units: u64,
+        },
+        End {
+            hold: u8,
+            how: Settle,
+        },
+        Extend {
+            hold: u8,
+            ttl_ms: u64,
+        },
+        Advance {
+            ms: u64,
+        },
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        let action = prop_oneof![
+            Just(Action::Reserve),
+            Just(Action::Release),
+            Just(Action::Commit),
+            Just(Action::Decrease),
+        ];
+        let how = prop_oneof![Just(Settle::Commit), Just(Settle::Release)];
+        prop_oneof![
+            (0..4u8, 0..3u8, 1..6u64, proptest::option::of(100..800u64)).prop_map(
+                |(hold, sku, units, ttl_ms)| Step::Take {
+                    hold,
+                    sku,
+                    units,
+                    ttl_ms
+                }
+            ),
+            (0..3u8, action, 1..6u64).prop_map(|(sku, action, units)| Step::Anonymous {
+                sku,
+                action,
+                units
+            }),
+            (0..4u8, how).prop_map(|(hold, how)| Step::End { hold, how }),
+            (0..4u8, 100..800u64).prop_map(|(hold, ttl_ms)| Step::Extend { hold, ttl_ms }),
+            (0..700u64).prop_map(|ms| Step::Advance { ms }),
+        ]
+    }
+
+    /// Expires every hold due at `now`, as the engine's timer does.
+    fn run_expiry(store: &mut Store, holds: &mut Holds, now: u64) {
+        while let Some(hold) = holds.due(now).map(Box::<str>::from) {
+            holds.settle(store, &hold, Settle::Expire, now).unwrap();
+        }
+    }
+
+    proptest::proptest! {
+        /// Units of holds never leak and are never released twice: after every step, each
+        /// SKU's reserved units are its anonymous reservations plus its held units, held units
+        /// are exactly the lines of live holds, on_hand drops only by what was committed, and
+        /// a refused step changes nothing. In the end every hold expires and gives back
+        /// exactly its units.
+        #[test]
+        fn holds_never_leak_nor_double_release(
+            steps in proptest::collection::vec(step(), 1..80)
+        ) {
+            let mut store = Store::new();
+            let skus: Vec<SkuId> = (0..3)
+                .map(|i| store.restore(&format!("s{i}"), stock(20, 0, 1)).unwrap())
+                .collect();
+            let mut holds = Holds::new(HoldLimits { holds_max: 3, lines_max: 2, ttl_ms_max: 800 });
+            let mut anonymous = [0u64; 3];
+            let mut sold = [0u64; 3];
+            let mut now = T0;
+            for step in steps {
+                let before: Vec<_> = store.known().collect();
+                let live_before = holds.live_len();
+                let name = |hold: u8| format!("h{hold}");
+                let refused = match step {
+                    Step::Take { hold, sku, units, ttl_ms } => {
+                        let ops = [Op::held(skus[sku as usize], Action::Reserve, units)];
+                        let hold = name(hold);
+                        let takes = [Some(Take { hold: &hold, ttl_ms })];
+                        holds.write(&mut store, &ops, &takes, now).is_err()
+                    }
+                    Step::Anonymous { sku, action, units } => {
+                        let op = Op::new(skus[sku as usize], action, units);
+                        let held = |sku| holds.held(sku);
+                        let ok = store.apply_held(&[op], &held).is_ok();
+                        let i = sku as usize;
+                        match (ok, action) {
+                            (true, Action::Reserve) => anonymous[i] += units,
+                            (true, Action::Release) => anonymous[i] -= units,
+                            (true, Action::Commit) => {
+                                anonymous[i] -= units;
+                                sold[i] += units;
+                            }
+                            (true, _) => sold[i] += units,
+                            (false, _) => {}
+                        }
+                        !ok
+                    }
+                    Step::End { hold, how } => {
+                        match holds.settle(&mut store, &name(hold), how, now) {
+                            Ok((applied, change)) => {
+                                let HoldState::Live { lines, .. } = change.before else {
+                                    panic!("ended a hold that was not live");
+                                };
+                                proptest::prop_assert_eq!(applied.changed.len(), lines.len());
+                                if how == Settle::Commit {
+                                    for (sku, units) in lines {
+                                        sold[sku.0 as usize] += units;
+                                    }
+                                }
+                                // Never twice: the same hold is gone now.
+                                let again = holds.settle(&mut store, &name(hold), how, now);
+                                proptest::prop_assert!(again.is_err());
+                                false
+                            }
+                            Err(_) => true,
+                        }
+                    }
+                    Step::Extend { hold, ttl_ms } => holds.extend(&name(hold), ttl_ms, now).is_err(),
+                    Step::Advance { ms } => {
+                        now += ms;
+                        run_expiry(&mut store, &mut holds, now);
+                        false
+                    }
+                };
+                if refused {
+                    proptest::prop_assert_eq!(store.known().collect::<Vec<_>>(), before);
+                    proptest::prop_assert_eq!(holds.live_len(), live_before);
+                }
+                holds.assert_consistent(&store);
+                for (i, &sku) in skus.iter().enumerate() {
+                    let s = store.get(sku);
+                    proptest::prop_assert_eq!(s.reserved, anonymous[i] + holds.held(sku));
+                    proptest::prop_assert_eq!(s.on_hand, 20 - sold[i]);
+                }
+            }
+            now += TTL_MS_MAX;
+            run_expiry(&mut store, &mut holds, now);
+            proptest::prop_assert_eq!(holds.live_len(), 0);
+            for (i, &sku) in skus.iter().enumerate() {
+                proptest::prop_assert_eq!(store.get(sku).reserved, anonymous[i]);
+                proptest::prop_assert_eq!(holds.held(sku), 0);
+            }
+        }
+    }
 }
