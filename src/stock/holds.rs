@@ -77,6 +77,17 @@ impl Default for HoldLimits {
     }
 }
 
+/// One line of a hold: a SKU and the units held of it.
+pub type Line = (SkuId, u64);
+
+/// A hold a write names, while the write is checked: its new lines and the last
+/// `ttl_ms` given.
+struct Named<'a> {
+    hold: &'a str,
+    lines: Vec<Line>,
+    ttl_ms: Option<u64>,
+}
+
 /// The state of one hold id, as logged and as put back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HoldState {
@@ -262,7 +273,7 @@ impl Holds {
     }
 
     /// A live hold's lines and deadline, or why it cannot be acted on at `now_ms`.
-    pub fn check_live(&self, hold: &str, now_ms: u64) -> Result<(&[(SkuId, u64)], u64), HoldError> {
+    pub fn check_live(&self, hold: &str, now_ms: u64) -> Result<(&[Line], u64), HoldError> {
         if let Some(&slot) = self.ids.get(hold) {
             let slot = &self.slots[slot as usize];
             if slot.deadline_ms <= now_ms {
@@ -399,8 +410,8 @@ impl Holds {
         now_ms: u64,
     ) -> Result<(Applied, Vec<HoldChange>), HoldWriteError> {
         assert_eq!(ops.len(), takes.len(), "one take per op");
-        // Each hold named, at its first op: (name, index of first op, new lines, ttl).
-        let mut named: Vec<(&str, usize, Vec<(SkuId, u64)>, Option<u64>)> = Vec::new();
+        // Each hold named, in first-named order.
+        let mut named: Vec<Named<'_>> = Vec::new();
         let mut creating = 0usize;
         for (index, (op, take)) in ops.iter().zip(takes).enumerate() {
             let Some(take) = take else { continue };
@@ -412,7 +423,7 @@ impl Holds {
             if let Some(ttl_ms) = take.ttl_ms {
                 self.check_ttl(ttl_ms).map_err(hold_error)?;
             }
-            let position = match named.iter().position(|n| n.0 == take.hold) {
+            let position = match named.iter().position(|n| n.hold == take.hold) {
                 Some(position) => position,
                 None => {
                     let lines = match self.check_live(take.hold, now_ms) {
@@ -430,27 +441,36 @@ impl Holds {
                         }
                         Err(error) => return Err(hold_error(error)),
                     };
-                    named.push((take.hold, index, lines, None));
+                    named.push(Named {
+                        hold: take.hold,
+                        lines,
+                        ttl_ms: None,
+                    });
                     named.len() - 1
                 }
             };
             let entry = &mut named[position];
-            match entry.2.iter_mut().find(|(sku, _)| *sku == op.sku) {
+            match entry.lines.iter_mut().find(|(sku, _)| *sku == op.sku) {
                 Some(line) => line.1 += op.amount,
-                None => entry.2.push((op.sku, op.amount)),
+                None => entry.lines.push((op.sku, op.amount)),
             }
-            if entry.2.len() > self.limits.lines_max {
+            if entry.lines.len() > self.limits.lines_max {
                 let max = self.limits.lines_max;
                 return Err(hold_error(HoldError::TooManyLines { max }));
             }
             if take.ttl_ms.is_some() {
-                entry.3 = take.ttl_ms;
+                entry.ttl_ms = take.ttl_ms;
             }
         }
         let held = |sku| self.held(sku);
         let applied = store.apply_held(ops, &held).map_err(HoldWriteError::Rule)?;
         let mut changes = Vec::with_capacity(named.len());
-        for (hold, _, lines, ttl_ms) in named {
+        for Named {
+            hold,
+            lines,
+            ttl_ms,
+        } in named
+        {
             let before = self.state(hold, now_ms);
             let deadline_ms = match (ttl_ms, &before) {
                 (Some(ttl_ms), _) => now_ms.saturating_add(ttl_ms),
