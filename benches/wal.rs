@@ -40,6 +40,7 @@ fn stock(v: u64) -> Stock {
 fn single_record(i: u64) -> Record {
     let states = vec![(format!("sku-{}", i % 10_000), stock(i))];
     Record {
+        holds: Vec::new(),
         key: Some(KeyRecord {
             key: format!("order-{i}-line-1"),
             fingerprint: i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
@@ -52,6 +53,7 @@ fn single_record(i: u64) -> Record {
 
 fn batch_record(i: u64) -> Record {
     Record {
+        holds: Vec::new(),
         states: (0..10)
             .map(|j| (format!("sku-{}", (i * 10 + j) % 10_000), stock(i + j)))
             .collect(),
@@ -471,7 +473,7 @@ fn recovery_figures() {
                 (format!("sku-{sku:07}"), stock(seq))
             })
             .collect();
-        encode_record(&mut bytes, seq, &Record { states, key: None }).unwrap();
+        encode_record(&mut bytes, seq, &Record::new(states, None)).unwrap();
         seq += 1;
     }
     std::fs::write(&path, &bytes).unwrap();

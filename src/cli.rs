@@ -151,6 +151,24 @@ const FLAGS: &[Flag] = &[
         help: "writes per second per token over all its connections, 0 = unlimited (default 0)",
     },
     Flag {
+        name: "--holds-max",
+        env: "STOCKSYNC_HOLDS_MAX",
+        value: "N",
+        help: "live holds in total; a reserve creating one more gets `too_large` (default 1000000)",
+    },
+    Flag {
+        name: "--hold-lines-max",
+        env: "STOCKSYNC_HOLD_LINES_MAX",
+        value: "N",
+        help: "SKUs in one hold; past it `too_large` (default 100)",
+    },
+    Flag {
+        name: "--hold-ttl-max-ms",
+        env: "STOCKSYNC_HOLD_TTL_MAX_MS",
+        value: "MS",
+        help: "longest ttl_ms of a hold, 100..=86400000; past it `bad_request` (default 86400000)",
+    },
+    Flag {
         name: "--idempotency-keys-max",
         env: "STOCKSYNC_IDEMPOTENCY_KEYS_MAX",
         value: "N",
@@ -372,6 +390,23 @@ impl Settings {
             "--write-rate" => self.service.writes_per_conn_per_sec = parse_number(name, value)?,
             "--token-write-rate" => {
                 self.service.writes_per_token_per_sec = parse_number(name, value)?
+            }
+            "--holds-max" => self.service.hold_limits.holds_max = parse_number(name, value)?,
+            "--hold-lines-max" => match parse_number(name, value)? {
+                0 => return Err("--hold-lines-max: must be at least 1".into()),
+                n => self.service.hold_limits.lines_max = n,
+            },
+            "--hold-ttl-max-ms" => {
+                let ttl_ms: u64 = parse_number(name, value)?;
+                let range = crate::stock::holds::TTL_MS_MIN..=crate::stock::holds::TTL_MS_MAX;
+                if !range.contains(&ttl_ms) {
+                    return Err(format!(
+                        "--hold-ttl-max-ms: {ttl_ms} is not in {}..={}",
+                        range.start(),
+                        range.end()
+                    ));
+                }
+                self.service.hold_limits.ttl_ms_max = ttl_ms;
             }
             "--idempotency-keys-max" => {
                 self.service.idempotency_keys_max = parse_number(name, value)?

@@ -135,9 +135,11 @@ fn metrics_parse_and_follow_conventions() {
             sample.metric
         );
         if let prometheus_parse::Value::Histogram(buckets) = &sample.value {
-            // Latency histograms, in seconds: the ack latency, and the Redis engine's own.
+            // Latency histograms, in seconds: the ack latency, the hold expiry lag, and the
+            // Redis engine's own.
             assert!(
                 sample.metric == "stocksync_ack_latency_seconds"
+                    || sample.metric == "stocksync_hold_expiry_lag_seconds"
                     || (sample.metric.starts_with("stocksync_redis_")
                         && sample.metric.ends_with("_seconds")),
                 "unexpected histogram {}",

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::stock::{OpError, Stock};
+use crate::stock::{HoldError, OpError, Stock};
 
 /// Every error code of PROTOCOL.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -23,10 +23,12 @@ pub enum ErrorCode {
     Internal,
     NotFound,
     MethodNotAllowed,
+    UnknownHold,
+    HoldExpired,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadRequest,
         ErrorCode::UnknownType,
         ErrorCode::UnknownAction,
@@ -43,6 +45,8 @@ impl ErrorCode {
         ErrorCode::Internal,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
+        ErrorCode::UnknownHold,
+        ErrorCode::HoldExpired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +67,8 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::UnknownHold => "unknown_hold",
+            ErrorCode::HoldExpired => "hold_expired",
         }
     }
 
@@ -88,12 +94,13 @@ impl ErrorCode {
             | ErrorCode::InvalidSku
             | ErrorCode::InvalidChange => 400,
             ErrorCode::Unauthorized => 401,
-            ErrorCode::NotFound => 404,
+            ErrorCode::NotFound | ErrorCode::UnknownHold => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::InsufficientStock
             | ErrorCode::InsufficientReserved
             | ErrorCode::BelowReserved
-            | ErrorCode::VersionConflict => 409,
+            | ErrorCode::VersionConflict
+            | ErrorCode::HoldExpired => 409,
             ErrorCode::TooLarge => 413,
             ErrorCode::RateLimited => 429,
             ErrorCode::Unavailable => 503,
@@ -152,6 +159,20 @@ impl ApiError {
             index: None,
             stock,
         }
+    }
+}
+
+impl ApiError {
+    /// Maps a hold rule refusal (PROTOCOL.md "Holds"): `unknown_hold`, `hold_expired`, a
+    /// missing or out-of-range `ttl_ms` is `bad_request`, a hold limit is `too_large`.
+    pub fn from_hold(error: &HoldError, hold: &str) -> Self {
+        let code = match error {
+            HoldError::Unknown => ErrorCode::UnknownHold,
+            HoldError::Expired => ErrorCode::HoldExpired,
+            HoldError::TtlRequired | HoldError::TtlOutOfRange { .. } => ErrorCode::BadRequest,
+            HoldError::HoldsFull { .. } | HoldError::TooManyLines { .. } => ErrorCode::TooLarge,
+        };
+        Self::new(code, format!("hold `{hold}`: {error}"))
     }
 }
 

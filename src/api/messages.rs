@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use super::error::{ApiError, ErrorCode};
 use crate::stock::idempotency::{key_is_valid, FingerprintBuilder};
-use crate::stock::{sku, Action, Fingerprint, Op};
+use crate::stock::{holds, sku, Action, Fingerprint, Op};
 
 /// Limits on one message's contents; past them the reply is `too_large`.
 #[derive(Clone, Copy, Debug)]
@@ -37,6 +37,8 @@ pub enum ClientRequest {
     Unsubscribe(Vec<String>),
     Get(Vec<String>),
     Write(WriteRequest),
+    /// `{"type":"hold","action":"get","hold":ID}`: a read.
+    HoldGet(String),
     Ping,
 }
 
@@ -46,6 +48,32 @@ pub struct WriteRequest {
     pub batch: bool,
     pub ops: Vec<OpSpec>,
     pub idempotency_key: Option<String>,
+    /// A `hold` message's commit / release / extend (then `ops` is empty).
+    pub hold: Option<HoldCommand>,
+}
+
+/// A write that acts on a whole hold (PROTOCOL.md "Holds").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldCommand {
+    pub hold: String,
+    pub action: HoldAction,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldAction {
+    Commit,
+    Release,
+    Extend { ttl_ms: u64 },
+}
+
+impl HoldAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldAction::Commit => "commit",
+            HoldAction::Release => "release",
+            HoldAction::Extend { .. } => "extend",
+        }
+    }
 }
 
 /// One op as sent, validated but not yet bound to a store.
@@ -55,15 +83,33 @@ pub struct OpSpec {
     pub action: Action,
     pub amount: u64,
     pub if_version: Option<u64>,
+    /// The hold a `reserve` takes into, with the `ttl_ms` it carries.
+    pub hold: Option<String>,
+    pub ttl_ms: Option<u64>,
 }
 
 impl WriteRequest {
     /// The request's identity for idempotency: the same ops (single or batch) give the same
     /// fingerprint whether they came over WebSocket or HTTP (one key space).
     pub fn fingerprint(&self) -> Fingerprint {
+        if let Some(command) = &self.hold {
+            let (kind, ttl_ms) = match command.action {
+                HoldAction::Commit => (3, None),
+                HoldAction::Release => (4, None),
+                HoldAction::Extend { ttl_ms } => (5, Some(ttl_ms)),
+            };
+            let mut builder = FingerprintBuilder::new(kind);
+            builder.hold(&command.hold, ttl_ms);
+            return builder.finish();
+        }
         let mut builder = FingerprintBuilder::new(if self.batch { 2 } else { 1 });
         for op in &self.ops {
             builder.op(&op.sku, op.action, op.amount, op.if_version);
+            // Only ops with a hold add bytes: the fingerprints of plain writes (stored with
+            // their keys in the log) stay what they were.
+            if let Some(hold) = &op.hold {
+                builder.hold(hold, op.ttl_ms);
+            }
         }
         builder.finish()
     }
@@ -76,6 +122,7 @@ impl OpSpec {
             action: self.action,
             amount: self.amount,
             if_version: self.if_version,
+            held: self.hold.is_some(),
         }
     }
 }
@@ -135,6 +182,7 @@ fn parse_object(
                 batch: false,
                 ops: vec![op],
                 idempotency_key: key,
+                hold: None,
             }))
         }
         "stock_batch" => {
@@ -144,8 +192,10 @@ fn parse_object(
                 batch: true,
                 ops,
                 idempotency_key: key,
+                hold: None,
             }))
         }
+        "hold" => parse_hold_message(object),
         other => Err(ApiError::new(
             ErrorCode::UnknownType,
             format!("unknown message type `{}`", truncate(other, 64)),
@@ -273,15 +323,88 @@ pub fn parse_op(
             })?),
         };
     let key = parse_key(op.get("idempotency_key"))?;
+    let hold = match op.get("hold") {
+        None | Some(Value::Null) => None,
+        Some(_) if action != Action::Reserve => {
+            return Err(ApiError::bad_request(
+                "`hold` goes only on a `reserve` op (act on a hold with a `hold` message)",
+            ))
+        }
+        Some(value) => Some(parse_hold_id(Some(value))?),
+    };
+    // `ttl_ms` means something only with `hold`; without it the field is ignored, like any
+    // field an action does not use.
+    let ttl_ms = match (&hold, op.get("ttl_ms")) {
+        (Some(_), Some(value)) if !value.is_null() => Some(parse_ttl(Some(value))?),
+        _ => None,
+    };
     Ok((
         OpSpec {
             sku,
             action,
             amount,
             if_version,
+            hold,
+            ttl_ms,
         },
         key,
     ))
+}
+
+/// A hold id (PROTOCOL.md "Holds": 1 to 128 bytes of `[A-Za-z0-9._:/-]`); else `bad_request`.
+pub fn parse_hold_id(value: Option<&Value>) -> Result<String, ApiError> {
+    match value {
+        Some(Value::String(id)) if holds::hold_id_is_valid(id) => Ok(id.clone()),
+        Some(_) => Err(ApiError::bad_request(
+            "`hold` must be 1 to 128 bytes of [A-Za-z0-9._:/-]",
+        )),
+        None => Err(ApiError::bad_request("a hold message needs `hold`")),
+    }
+}
+
+/// `ttl_ms`: an integer in `TTL_MS_MIN..=TTL_MS_MAX`; missing, mistyped or out of range is
+/// `bad_request` (PROTOCOL.md "Holds", details). A lower `--hold-ttl-max-ms` is checked by
+/// the engine.
+pub fn parse_ttl(value: Option<&Value>) -> Result<u64, ApiError> {
+    let range = holds::TTL_MS_MIN..=holds::TTL_MS_MAX;
+    match value.and_then(Value::as_u64) {
+        Some(ttl_ms) if range.contains(&ttl_ms) => Ok(ttl_ms),
+        _ => Err(ApiError::bad_request(format!(
+            "`ttl_ms` must be an integer in {}..={}",
+            range.start(),
+            range.end()
+        ))),
+    }
+}
+
+/// `{"type":"hold","action":A,"hold":ID,...}`.
+fn parse_hold_message(object: &Map<String, Value>) -> Result<ClientRequest, ApiError> {
+    let hold = parse_hold_id(object.get("hold"))?;
+    let action = match object.get("action") {
+        Some(Value::String(name)) => name.as_str(),
+        Some(_) => return Err(ApiError::bad_request("`action` must be a string")),
+        None => return Err(ApiError::bad_request("a hold message needs an `action`")),
+    };
+    let action = match action {
+        "get" => return Ok(ClientRequest::HoldGet(hold)),
+        "commit" => HoldAction::Commit,
+        "release" => HoldAction::Release,
+        "extend" => HoldAction::Extend {
+            ttl_ms: parse_ttl(object.get("ttl_ms"))?,
+        },
+        other => {
+            return Err(ApiError::new(
+                ErrorCode::UnknownAction,
+                format!("unknown hold action `{}`", truncate(other, 64)),
+            ))
+        }
+    };
+    Ok(ClientRequest::Write(WriteRequest {
+        batch: false,
+        ops: Vec::new(),
+        idempotency_key: parse_key(object.get("idempotency_key"))?,
+        hold: Some(HoldCommand { hold, action }),
+    }))
 }
 
 /// An integer JSON number (`5`, not `5.0` or `"5"`), widened so that out-of-range values can be
@@ -357,7 +480,9 @@ mod tests {
                 sku: "a".into(),
                 action: Action::Increase,
                 amount: 5,
-                if_version: None
+                if_version: None,
+                hold: None,
+                ttl_ms: None,
             }
         );
         let batch = parse(r#"{"type":"stock_batch","idempotency_key":"k","ops":[{"id":"a","action":"set","quantity":0,"if_version":3}]}"#).unwrap();

@@ -100,6 +100,95 @@ pub fn ack(id: Option<&Value>, batch: bool, states: &[(&str, Stock)], duplicate:
     })
 }
 
+/// `{"id":HOLD,"expires_in_ms":N,"lines":[{"id":SKU,"units":N}...]}` (PROTOCOL.md "Holds").
+pub fn write_hold<'a, W: Write>(
+    out: &mut W,
+    hold: &str,
+    expires_in_ms: u64,
+    lines: impl IntoIterator<Item = (&'a str, u64)>,
+) {
+    // Hold ids and SKU ids are validated `[A-Za-z0-9._:/-]`: no escaping needed.
+    let _ = write!(
+        out,
+        r#"{{"id":"{hold}","expires_in_ms":{expires_in_ms},"lines":["#
+    );
+    for (i, (sku, units)) in lines.into_iter().enumerate() {
+        if i > 0 {
+            let _ = out.write_all(b",");
+        }
+        let _ = write!(out, r#"{{"id":"{sku}","units":{units}}}"#);
+    }
+    let _ = out.write_all(b"]}");
+}
+
+/// `{"type":"hold","hold":{..}}`: the reply to a hold `get` or `extend`.
+pub fn hold<'a>(
+    id: Option<&Value>,
+    hold: &str,
+    expires_in_ms: u64,
+    lines: impl IntoIterator<Item = (&'a str, u64)>,
+    duplicate: bool,
+) -> Frame {
+    frame(|out| {
+        write_head(out, "hold", id);
+        let _ = out.write_all(br#","hold":"#);
+        write_hold(out, hold, expires_in_ms, lines);
+        if duplicate {
+            let _ = out.write_all(br#","duplicate":true"#);
+        }
+        let _ = out.write_all(b"}");
+    })
+}
+
+/// `{"type":KIND,"hold":HOLD,"stock":[states]}`: the ack of a hold commit / release (`ack`),
+/// and the push to the holder when it expired (`hold_expired`).
+pub fn hold_states(
+    kind: &str,
+    id: Option<&Value>,
+    hold: &str,
+    states: &[(&str, Stock)],
+    duplicate: bool,
+) -> Frame {
+    frame(|out| {
+        write_head(out, kind, id);
+        let _ = write!(out, r#","hold":"{hold}","stock":"#);
+        write_states(out, states.iter().copied());
+        if duplicate {
+            let _ = out.write_all(br#","duplicate":true"#);
+        }
+        let _ = out.write_all(b"}");
+    })
+}
+
+/// HTTP body `{"hold":HOLD,"stock":[states]}` (+ duplicate).
+pub fn http_hold_states_body(hold: &str, states: &[(&str, Stock)], duplicate: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + 96 * states.len());
+    let _ = write!(out, r#"{{"hold":"{hold}","stock":"#);
+    write_states(&mut out, states.iter().copied());
+    if duplicate {
+        out.extend_from_slice(br#","duplicate":true"#);
+    }
+    out.push(b'}');
+    out
+}
+
+/// HTTP body `{"hold":{..}}` (+ duplicate).
+pub fn http_hold_body<'a>(
+    hold: &str,
+    expires_in_ms: u64,
+    lines: impl IntoIterator<Item = (&'a str, u64)>,
+    duplicate: bool,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(br#"{"hold":"#);
+    write_hold(&mut out, hold, expires_in_ms, lines);
+    if duplicate {
+        out.extend_from_slice(br#","duplicate":true"#);
+    }
+    out.push(b'}');
+    out
+}
+
 fn write_error_fields<W: Write>(out: &mut W, error: &ApiError) {
     let _ = write!(out, r#""code":"{}","message":"#, error.code.as_str());
     let _ = serde_json::to_writer(&mut *out, &error.message);
@@ -196,5 +285,29 @@ mod tests {
         let body: Value =
             serde_json::from_slice(&http_stock_body(&[("a", s)], false, false)).unwrap();
         assert_eq!(body["stock"]["version"], 4);
+
+        let v = payload(&hold(
+            Some(&Value::from(1)),
+            "h",
+            250,
+            [("a", 2), ("b", 1)],
+            false,
+        ));
+        assert_eq!(v["type"], "hold");
+        assert_eq!(v["hold"]["id"], "h");
+        assert_eq!(v["hold"]["expires_in_ms"], 250);
+        assert_eq!(v["hold"]["lines"][1]["id"], "b");
+        assert_eq!(v["hold"]["lines"][1]["units"], 1);
+        let v = payload(&hold_states("hold_expired", None, "h", &[("a", s)], false));
+        assert_eq!(v["type"], "hold_expired");
+        assert_eq!(v["stock"][0]["reserved"], 3);
+        let body: Value =
+            serde_json::from_slice(&http_hold_states_body("h", &[("a", s)], true)).unwrap();
+        assert_eq!(
+            (body["hold"].as_str(), body["duplicate"].as_bool()),
+            (Some("h"), Some(true))
+        );
+        let body: Value = serde_json::from_slice(&http_hold_body("h", 5, [], false)).unwrap();
+        assert_eq!(body["hold"]["lines"], serde_json::json!([]));
     }
 }

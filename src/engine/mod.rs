@@ -37,6 +37,8 @@ pub enum Outcome {
         results: Vec<(SkuId, Stock)>,
         changed: Vec<(SkuId, Stock)>,
         duplicate: bool,
+        /// The hold after an `extend` (its reply shows it, as `get` would).
+        view: Option<HoldView>,
     },
     /// Refused; nothing changed. `release` lists SKUs the write interned, which the service
     /// may forget if nobody else holds them.
@@ -74,6 +76,39 @@ pub enum Progress {
     All,
     /// Changes made elsewhere (another process), newest state of each SKU, to broadcast.
     Remote(Vec<(SkuId, Stock)>),
+    /// A hold expired (PROTOCOL.md "Holds"): its units went back to stock as one change, now
+    /// decided. `changed` is each SKU's new state, to broadcast; `lag_ms` how long after the
+    /// deadline the change was decided.
+    HoldExpired {
+        hold: String,
+        changed: Vec<(SkuId, Stock)>,
+        lag_ms: u64,
+    },
+}
+
+/// A live hold as `get` shows it (PROTOCOL.md "Holds").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldView {
+    pub hold: String,
+    pub expires_in_ms: u64,
+    pub lines: Vec<(SkuId, u64)>,
+}
+
+/// Hold figures for `/metrics`, kept by the engine that decides holds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HoldStats {
+    pub live: usize,
+    pub expired_markers: usize,
+    /// Holds created.
+    pub taken_total: u64,
+}
+
+/// Milliseconds since the Unix epoch: hold deadlines are wall-clock times, so they keep
+/// their meaning across a restart.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Figures for `/healthz` and `/metrics`.
@@ -82,6 +117,15 @@ pub struct EngineStatus {
     /// Why writes are refused right now, if they are.
     pub refusing: Option<String>,
     pub idempotency_keys: usize,
+    pub holds: HoldStats,
+}
+
+/// The refusal of an engine that does not decide holds.
+pub fn holds_unsupported(kind: &str, hold: &str) -> ApiError {
+    ApiError::new(
+        crate::api::ErrorCode::Unavailable,
+        format!("hold `{hold}`: holds are not available with the {kind} engine yet"),
+    )
 }
 
 pub trait Engine {
@@ -101,6 +145,11 @@ pub trait Engine {
     fn poll(&mut self, cx: &mut Ctx<'_>, out: &mut Vec<Progress>);
     /// The outcome of a ticket reported done; `None` if it was already taken.
     fn take_outcome(&mut self, ticket: u64) -> Option<Outcome>;
+    /// A live hold as `get` shows it, or why not (`unknown_hold`, `hold_expired`). Shows the
+    /// hold as decided so far, like an ack would.
+    fn hold_view(&self, hold: &str, _now_ms: u64) -> Result<HoldView, ApiError> {
+        Err(holds_unsupported(self.kind(), hold))
+    }
     /// The ticket of the newest pending write (replies queued now wait for it).
     fn last_ticket(&self) -> u64;
     /// Whether writes are in flight (the loop may not exit while they are).

@@ -6,9 +6,9 @@ use std::time::Instant;
 use serde_json::Value;
 
 use super::{now_secs, StockService};
-use crate::api::messages::WriteRequest;
+use crate::api::messages::{HoldAction, WriteRequest};
 use crate::api::{reply, ApiError, ErrorCode};
-use crate::engine::{Outcome, Progress, Submitted};
+use crate::engine::{HoldView, Outcome, Progress, Submitted};
 use crate::net::{ConnId, Ctx, Frame};
 use crate::stock::{Action, SkuId, Stock};
 
@@ -64,6 +64,34 @@ pub struct PendingWrite {
     batch: bool,
     actions: Vec<Action>,
     received: Instant,
+    holds: HoldsOf,
+}
+
+/// What a write does to holds, for its reply and for the service's record of who holds what.
+#[derive(Clone, Debug, Default)]
+pub struct HoldsOf {
+    /// A `hold` message: the hold and its action (the reply is shaped after it).
+    command: Option<(String, HoldAction)>,
+    /// Holds its `reserve` ops take into (distinct): the writer becomes the holder of those it
+    /// creates, to hear `hold_expired`.
+    takes: Vec<String>,
+}
+
+impl HoldsOf {
+    fn of(req: &WriteRequest) -> HoldsOf {
+        let mut takes: Vec<String> = Vec::new();
+        for op in &req.ops {
+            if let Some(hold) = &op.hold {
+                if !takes.contains(hold) {
+                    takes.push(hold.clone());
+                }
+            }
+        }
+        HoldsOf {
+            command: req.hold.as_ref().map(|c| (c.hold.clone(), c.action)),
+            takes,
+        }
+    }
 }
 
 impl Outgoing {
@@ -108,6 +136,115 @@ impl StockService {
         }
     }
 
+    /// Records what an applied write did to holds: the holder of each hold it created, the
+    /// end of each hold it committed or released.
+    fn note_holds(&mut self, holds: &HoldsOf, writer: ConnId) {
+        match &holds.command {
+            Some((hold, HoldAction::Commit)) => {
+                self.metrics.holds_committed_total += 1;
+                self.hold_owners.remove(hold.as_str());
+            }
+            Some((hold, HoldAction::Release)) => {
+                self.metrics.holds_released_total += 1;
+                self.hold_owners.remove(hold.as_str());
+            }
+            Some((_, HoldAction::Extend { .. })) | None => {}
+        }
+        // Only a WebSocket can be pushed to; the first writer of a hold is its holder.
+        if !holds.takes.is_empty() && self.session_ref(writer).is_some_and(|s| s.websocket) {
+            for hold in &holds.takes {
+                self.hold_owners
+                    .entry(hold.as_str().into())
+                    .or_insert(writer);
+            }
+        }
+    }
+
+    fn hold_ack_frame(
+        reply_to: &ReplyTo,
+        hold: &str,
+        states: &[(&str, Stock)],
+        duplicate: bool,
+    ) -> (Frame, bool) {
+        match reply_to {
+            ReplyTo::WebSocket { id } => (
+                reply::hold_states("ack", id.as_ref(), hold, states, duplicate),
+                false,
+            ),
+            ReplyTo::Http(http) => Self::http_ok(
+                http,
+                reply::http_hold_states_body(hold, states, duplicate),
+            ),
+        }
+    }
+
+    pub(super) fn hold_view_frame(
+        &self,
+        reply_to: &ReplyTo,
+        view: &HoldView,
+        duplicate: bool,
+    ) -> (Frame, bool) {
+        let skus = self.engine.skus();
+        let lines = view
+            .lines
+            .iter()
+            .map(|&(sku, units)| (skus.name(sku), units));
+        match reply_to {
+            ReplyTo::WebSocket { id } => (
+                reply::hold(
+                    id.as_ref(),
+                    &view.hold,
+                    view.expires_in_ms,
+                    lines,
+                    duplicate,
+                ),
+                false,
+            ),
+            ReplyTo::Http(http) => Self::http_ok(
+                http,
+                reply::http_hold_body(&view.hold, view.expires_in_ms, lines, duplicate),
+            ),
+        }
+    }
+
+    fn http_ok(http: &super::http_api::HttpReply, body: Vec<u8>) -> (Frame, bool) {
+        let response = http.finish(crate::http::Response::json(200, body));
+        (Frame::from(response.to_bytes()), !http.keep_alive)
+    }
+
+    /// A hold expired: its change goes to subscribers like any other, and its holder, if its
+    /// connection is still open, hears `hold_expired` (PROTOCOL.md "Holds").
+    fn hold_expired(
+        &mut self,
+        cx: &mut Ctx<'_>,
+        hold: String,
+        changed: Vec<(SkuId, Stock)>,
+        lag_ms: u64,
+    ) {
+        self.metrics.holds_expired_total += 1;
+        self.metrics
+            .hold_expiry_lag
+            .observe(std::time::Duration::from_millis(lag_ms));
+        self.metrics.changes_total += 1;
+        let owner = self.hold_owners.remove(hold.as_str());
+        if let Some(owner) = owner.filter(|&owner| cx.is_open(owner)) {
+            let skus = self.engine.skus();
+            let states: Vec<(&str, Stock)> = changed
+                .iter()
+                .map(|&(sku, s)| (skus.name(sku), s))
+                .collect();
+            let frame = reply::hold_states("hold_expired", None, &hold, &states, false);
+            // The holder hears of its hold first, like a writer hears its ack first.
+            if self.subs.has_wildcard(owner) {
+                self.flush_wildcard_batch(cx);
+            }
+            self.reply(cx, owner, frame, false, false);
+        }
+        for (sku, after) in changed {
+            self.broadcast(cx, sku, after);
+        }
+    }
+
     pub(super) fn refuse(
         &mut self,
         cx: &mut Ctx<'_>,
@@ -131,12 +268,13 @@ impl StockService {
         reply_to: ReplyTo,
     ) {
         let actions: Vec<Action> = req.ops.iter().map(|op| op.action).collect();
+        let holds = HoldsOf::of(&req);
         match self.engine.submit(cx, &req, now_secs()) {
             Submitted::Now(outcome) => {
                 // Decided at once, but the state it reports may reflect writes in flight:
                 // the answer waits like an ack would.
                 let (frame, close_after) =
-                    self.outcome_frame(&reply_to, req.batch, &actions, outcome, None);
+                    self.outcome_frame(&reply_to, req.batch, &actions, &holds, conn, outcome, None);
                 self.reply(cx, conn, frame, close_after, true);
                 let release = std::mem::take(&mut self.to_forget);
                 self.forget_unused(release);
@@ -151,6 +289,7 @@ impl StockService {
                         batch: req.batch,
                         actions,
                         received: Instant::now(),
+                        holds,
                     })));
             }
         }
@@ -158,11 +297,14 @@ impl StockService {
 
     /// The answer to a decided write, with its metrics counted; the changes it made are left
     /// in `changed` for the caller to broadcast.
+    #[allow(clippy::too_many_arguments)]
     fn outcome_frame(
         &mut self,
         reply_to: &ReplyTo,
         batch: bool,
         actions: &[Action],
+        holds: &HoldsOf,
+        writer: ConnId,
         outcome: Outcome,
         changed_out: Option<&mut Vec<(SkuId, Stock)>>,
     ) -> (Frame, bool) {
@@ -171,11 +313,13 @@ impl StockService {
                 results,
                 changed,
                 duplicate,
+                view,
             } => {
                 if duplicate {
                     self.metrics.duplicates_total += 1;
                 } else {
                     self.metrics.count_op_result(actions, None);
+                    self.note_holds(holds, writer);
                 }
                 if let Some(out) = changed_out {
                     *out = changed;
@@ -185,7 +329,19 @@ impl StockService {
                     .iter()
                     .map(|&(sku, s)| (skus.name(sku), s))
                     .collect();
-                Self::success_frame(reply_to, batch, &states, duplicate)
+                match &holds.command {
+                    None => Self::success_frame(reply_to, batch, &states, duplicate),
+                    Some((hold, HoldAction::Extend { .. })) => match view {
+                        Some(view) => self.hold_view_frame(reply_to, &view, duplicate),
+                        // A repeated extend of a hold that has ended since.
+                        None => {
+                            let error =
+                                ApiError::from_hold(&crate::stock::HoldError::Unknown, hold);
+                            Self::error_frame(reply_to, &error)
+                        }
+                    },
+                    Some((hold, _)) => Self::hold_ack_frame(reply_to, hold, &states, duplicate),
+                }
             }
             Outcome::Refused { error, release } => {
                 if error.code.is_stock_rule() {
@@ -213,6 +369,11 @@ impl StockService {
                         self.broadcast(cx, sku, after);
                     }
                 }
+                Progress::HoldExpired {
+                    hold,
+                    changed,
+                    lag_ms,
+                } => self.hold_expired(cx, hold, changed, lag_ms),
             }
         }
         self.progress = progress;
@@ -299,6 +460,8 @@ impl StockService {
                     &write.reply_to,
                     write.batch,
                     &write.actions,
+                    &write.holds,
+                    write.writer,
                     outcome,
                     Some(&mut changed),
                 );

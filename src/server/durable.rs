@@ -6,7 +6,7 @@ use std::path::Path;
 use log::info;
 
 use crate::cli::{FsyncPolicy, Settings};
-use crate::stock::{IdempotencyCache, Store};
+use crate::stock::{Holds, IdempotencyCache, Store};
 use crate::wal::{recovery, Log, LogOptions};
 
 /// Recovers the store from `dir` and opens its log. Errors are for the operator: another
@@ -15,7 +15,8 @@ pub fn open(
     dir: &Path,
     settings: &Settings,
     keys: IdempotencyCache,
-) -> Result<(Store, IdempotencyCache, Box<dyn Log>), String> {
+    holds: Holds,
+) -> Result<(Store, IdempotencyCache, Holds, Box<dyn Log>), String> {
     let options = LogOptions {
         sync: settings.fsync == FsyncPolicy::Always,
         snapshot_log_bytes: settings.snapshot_log_bytes,
@@ -26,7 +27,7 @@ pub fn open(
              or kernel crash; for benchmarks and throwaway data only"
         );
     }
-    let recovered = recovery::open(dir, options, keys, super::now_secs())
+    let recovered = recovery::open_with_holds(dir, options, keys, holds, super::now_secs())
         .map_err(|e| format!("cannot open data dir {}: {e}", dir.display()))?;
     let report = &recovered.report;
     info!(
@@ -52,5 +53,10 @@ pub fn open(
             None => String::new(),
         }
     );
-    Ok((recovered.store, recovered.keys, Box::new(recovered.log)))
+    Ok((
+        recovered.store,
+        recovered.keys,
+        recovered.holds,
+        Box::new(recovered.log),
+    ))
 }

@@ -8,7 +8,7 @@ use super::auth::{self, Grant, Role};
 use super::commit::{Body, Outgoing, ReplyTo};
 use super::metrics::{self, Snapshot};
 use super::{browser, StockService};
-use crate::api::messages::{self, WriteRequest};
+use crate::api::messages::{self, HoldAction, HoldCommand, WriteRequest};
 use crate::api::{reply, ApiError, ErrorCode};
 use crate::http::cors::{self, AllowOrigin};
 use crate::http::{Match, Method, Request, Response, Router};
@@ -20,6 +20,8 @@ enum Route {
     StockMany,
     WriteOne,
     WriteBatch,
+    HoldOne,
+    HoldAction,
     Health,
     Metrics,
     Dashboard,
@@ -35,6 +37,9 @@ fn router() -> &'static Router<Route> {
             .add(Method::Get, "/stock", Route::StockMany)
             .add(Method::Post, "/stock/batch", Route::WriteBatch)
             .add(Method::Post, "/stock/{*sku}", Route::WriteOne)
+            // Hold ids may contain `/`: the action is the last segment of the tail.
+            .add(Method::Get, "/holds/{*hold}", Route::HoldOne)
+            .add(Method::Post, "/holds/{*hold}", Route::HoldAction)
             .add(Method::Get, "/healthz", Route::Health)
             .add(Method::Get, "/metrics", Route::Metrics)
             .add(Method::Get, "/", Route::Dashboard)
@@ -186,7 +191,26 @@ impl StockService {
                     Response::json(200, reply::http_stock_body(&states, true, false))
                 })
             }
-            Route::WriteOne | Route::WriteBatch => {
+            Route::HoldOne => {
+                let reply_to = ReplyTo::Http(http.clone());
+                let hold = Value::String(param.unwrap_or_default());
+                let view = messages::parse_hold_id(Some(&hold))
+                    .and_then(|hold| self.engine.hold_view(&hold, crate::engine::wall_ms()));
+                match view {
+                    Ok(view) => {
+                        // The frame is the whole response; sent behind this connection's
+                        // waiting replies, if any.
+                        let (frame, close_after) = self.hold_view_frame(&reply_to, &view, false);
+                        self.reply(cx, id, frame, close_after, false);
+                        None
+                    }
+                    Err(error) => {
+                        self.metrics.count_error(error.code);
+                        self.answer(cx, id, error_response(&error), http)
+                    }
+                }
+            }
+            Route::WriteOne | Route::WriteBatch | Route::HoldAction => {
                 let reply_to = ReplyTo::Http(http.clone());
                 if role != Some(Role::Write) {
                     let error = ApiError::new(
@@ -301,6 +325,7 @@ impl StockService {
             idempotency_keys: status.idempotency_keys,
             writes_refused: status.refusing.is_some(),
             uptime_seconds: self.uptime_secs(cx),
+            holds: status.holds,
         });
         self.engine.render_metrics(&mut text);
         text
@@ -314,8 +339,13 @@ fn parse_write(
     sku: Option<&str>,
     limits: &messages::MessageLimits,
 ) -> Result<WriteRequest, ApiError> {
-    let body: Value = serde_json::from_slice(&req.body)
-        .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))?;
+    // A hold's commit or release needs no body: an empty one reads as `{}`.
+    let body: Value = if req.body.is_empty() && route == Route::HoldAction {
+        Value::Object(serde_json::Map::new())
+    } else {
+        serde_json::from_slice(&req.body)
+            .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))?
+    };
     if !body.is_object() {
         return Err(ApiError::bad_request("body must be a JSON object"));
     }
@@ -330,12 +360,37 @@ fn parse_write(
     };
     let body_key = messages::parse_key(body.get("idempotency_key"))?;
     let key = messages::merge_keys(header_key, body_key)?;
+    if route == Route::HoldAction {
+        let tail = sku.unwrap_or_default();
+        let (hold, action) = tail.rsplit_once('/').unwrap_or((tail, ""));
+        let hold = messages::parse_hold_id(Some(&Value::String(hold.to_string())))?;
+        let action = match action {
+            "commit" => HoldAction::Commit,
+            "release" => HoldAction::Release,
+            "extend" => HoldAction::Extend {
+                ttl_ms: messages::parse_ttl(body.get("ttl_ms"))?,
+            },
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::NotFound,
+                    "POST /holds/{id}/commit, /release or /extend",
+                ))
+            }
+        };
+        return Ok(WriteRequest {
+            batch: false,
+            ops: Vec::new(),
+            idempotency_key: key,
+            hold: Some(HoldCommand { hold, action }),
+        });
+    }
     if route == Route::WriteBatch {
         let ops = messages::parse_batch_ops(body.get("ops"), limits)?;
         return Ok(WriteRequest {
             batch: true,
             ops,
             idempotency_key: key,
+            hold: None,
         });
     }
     let sku = sku.unwrap_or_default();
@@ -344,5 +399,6 @@ fn parse_write(
         batch: false,
         ops: vec![op],
         idempotency_key: key,
+        hold: None,
     })
 }

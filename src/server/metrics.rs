@@ -163,6 +163,11 @@ pub struct Metrics {
     pub errors: BTreeMap<&'static str, u64>,
     pub ack_latency: Histogram,
     pub limits: LimitHits,
+    pub holds_committed_total: u64,
+    pub holds_released_total: u64,
+    pub holds_expired_total: u64,
+    /// Deadline to the expiry's change being decided (durable), per expired hold.
+    pub hold_expiry_lag: Histogram,
 }
 
 impl Metrics {
@@ -190,6 +195,7 @@ pub struct Snapshot<'a> {
     pub idempotency_keys: usize,
     pub writes_refused: bool,
     pub uptime_seconds: u64,
+    pub holds: crate::engine::HoldStats,
 }
 
 pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -202,8 +208,61 @@ pub fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl 
     let _ = writeln!(out, "{name} {value}");
 }
 
+/// The hold figures (PROTOCOL.md "Holds").
+fn render_holds(out: &mut String, s: &Snapshot<'_>) {
+    let m = s.service;
+    single(
+        out,
+        "stocksync_holds_live",
+        "gauge",
+        "Live holds.",
+        s.holds.live,
+    );
+    single(
+        out,
+        "stocksync_holds_expired_markers",
+        "gauge",
+        "Holds remembered as expired (one hour each).",
+        s.holds.expired_markers,
+    );
+    single(
+        out,
+        "stocksync_holds_taken_total",
+        "counter",
+        "Holds created.",
+        s.holds.taken_total,
+    );
+    single(
+        out,
+        "stocksync_holds_committed_total",
+        "counter",
+        "Holds committed.",
+        m.holds_committed_total,
+    );
+    single(
+        out,
+        "stocksync_holds_released_total",
+        "counter",
+        "Holds released.",
+        m.holds_released_total,
+    );
+    single(
+        out,
+        "stocksync_holds_expired_total",
+        "counter",
+        "Holds expired.",
+        m.holds_expired_total,
+    );
+    m.hold_expiry_lag.render(
+        out,
+        "stocksync_hold_expiry_lag_seconds",
+        "Time from a hold's deadline to its release being durable.",
+    );
+}
+
 pub fn render(s: &Snapshot<'_>) -> String {
     let mut out = String::with_capacity(8 * 1024);
+    render_holds(&mut out, s);
     let l = s.loop_stats;
     single(
         &mut out,

@@ -60,6 +60,8 @@ pub struct ServiceConfig {
     /// Re-read on SIGHUP; its tokens join `fixed_tokens`.
     pub tokens_file: Option<std::path::PathBuf>,
     pub fixed_tokens: Vec<auth::Token>,
+    /// Holds in total, lines per hold, longest TTL (PROTOCOL.md "Holds").
+    pub hold_limits: crate::stock::HoldLimits,
 }
 
 impl Default for ServiceConfig {
@@ -79,6 +81,7 @@ impl Default for ServiceConfig {
             role_name: "embedded".into(),
             tokens_file: None,
             fixed_tokens: Vec::new(),
+            hold_limits: crate::stock::HoldLimits::default(),
         }
     }
 }
@@ -118,6 +121,11 @@ pub struct StockService {
     token_rates: auth::TokenRates,
     pub metrics: Metrics,
     started_ms: u64,
+    /// Hold id -> the WebSocket that created it, to push `hold_expired` to. Entries go when
+    /// the hold is committed, released or expires, so there are at most as many as live
+    /// holds (bounded by `hold_limits.holds_max`); a stale holder (closed connection) is
+    /// recognised by its generation.
+    hold_owners: std::collections::HashMap<Box<str>, ConnId>,
 }
 
 fn now_secs() -> u64 {
@@ -143,6 +151,7 @@ impl StockService {
             token_rates: auth::TokenRates::default(),
             metrics: Metrics::default(),
             started_ms: 0,
+            hold_owners: std::collections::HashMap::new(),
         }
     }
 

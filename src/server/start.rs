@@ -10,7 +10,7 @@ use crate::engine::embedded::EmbeddedEngine;
 use crate::engine::redis::{RedisConfig, RedisEngine};
 use crate::engine::Engine;
 use crate::net::EventLoop;
-use crate::stock::{IdempotencyCache, Store};
+use crate::stock::{Holds, IdempotencyCache, Store};
 use crate::wal::memory::MemoryLog;
 use crate::wal::Log;
 
@@ -52,19 +52,29 @@ fn open_engine(
         service_config.idempotency_keys_max,
         service_config.idempotency_ttl_secs,
     );
-    let (store, keys, log): (Store, IdempotencyCache, Box<dyn Log>) = match &settings.data_dir {
-        None => {
-            warn!("no data dir: stock lives in memory only and is lost when the process ends");
-            (Store::new(), keys, Box::new(MemoryLog::new()))
-        }
-        Some(dir) => super::durable::open(dir, settings, keys)?,
-    };
+    let holds = Holds::new(service_config.hold_limits);
+    let (store, keys, holds, log): (Store, IdempotencyCache, Holds, Box<dyn Log>) =
+        match &settings.data_dir {
+            None => {
+                warn!("no data dir: stock lives in memory only and is lost when the process ends");
+                (Store::new(), keys, holds, Box::new(MemoryLog::new()))
+            }
+            Some(dir) => super::durable::open(dir, settings, keys, holds)?,
+        };
     info!(
-        "store ready: {} SKUs, {} idempotency keys",
+        "store ready: {} SKUs, {} idempotency keys, {} holds",
         store.known_len(),
-        keys.len()
+        keys.len(),
+        holds.live_len()
     );
-    Ok(Box::new(EmbeddedEngine::new(store, keys, log)))
+    let mut engine = EmbeddedEngine::new(store, keys, log, holds);
+    // Before the port opens (PROTOCOL.md "Holds"): nobody may see, or act on, a hold whose
+    // deadline passed while the server was down.
+    let expired = engine.expire_overdue_at_start()?;
+    if expired > 0 {
+        info!("{expired} holds expired while the server was down; released");
+    }
+    Ok(Box::new(engine))
 }
 
 /// `--workers N`: supervises N worker processes instead of serving (see [`super::workers`]).

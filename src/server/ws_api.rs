@@ -129,6 +129,17 @@ impl StockService {
                 false,
             ),
             ClientRequest::Get(skus) => self.reply_states(cx, id, "stock", parsed.id, skus, false),
+            ClientRequest::HoldGet(hold) => {
+                let reply_to = ReplyTo::WebSocket { id: parsed.id };
+                let frame = match self.engine.hold_view(&hold, crate::engine::wall_ms()) {
+                    Ok(view) => self.hold_view_frame(&reply_to, &view, false).0,
+                    Err(error) => {
+                        self.metrics.count_error(error.code);
+                        reply::error(id_ref(&parsed_id(&reply_to)), &error)
+                    }
+                };
+                self.reply(cx, id, frame, false, false);
+            }
             ClientRequest::Subscribe(skus) => self.subscribe(cx, id, parsed.id, skus),
             ClientRequest::Unsubscribe(skus) => {
                 let mut released = Vec::new();
@@ -318,5 +329,13 @@ impl StockService {
             self.subs.subscribe_all(id);
         }
         self.reply_states(cx, id, "subscribed", request_id, named, wildcard);
+    }
+}
+
+/// The request id of a WebSocket reply target.
+fn parsed_id(reply_to: &ReplyTo) -> Option<serde_json::Value> {
+    match reply_to {
+        ReplyTo::WebSocket { id } => id.clone(),
+        ReplyTo::Http(_) => None,
     }
 }

@@ -113,6 +113,20 @@ impl FingerprintBuilder {
         self.ops_len += 1;
     }
 
+    /// Adds the hold of the op just added (or of a hold message), with its `ttl_ms`.
+    pub fn hold(&mut self, hold: &str, ttl_ms: Option<u64>) {
+        self.hash.write(b"hold");
+        self.hash.write(&(hold.len() as u64).to_le_bytes());
+        self.hash.write(hold.as_bytes());
+        match ttl_ms {
+            None => self.hash.write(&[0]),
+            Some(ttl_ms) => {
+                self.hash.write(&[1]);
+                self.hash.write(&ttl_ms.to_le_bytes());
+            }
+        }
+    }
+
     /// The fingerprint of the ops added so far.
     pub fn finish(mut self) -> Fingerprint {
         self.hash.write(&self.ops_len.to_le_bytes());

@@ -14,6 +14,7 @@
 //!    `unavailable`. Nothing is acked or broadcast before the record is durable.
 #![warn(missing_docs)]
 
+pub mod holds;
 pub mod idempotency;
 pub mod ops;
 pub mod sku;
@@ -22,6 +23,9 @@ pub mod store;
 #[cfg(test)]
 mod proptest_model;
 
+pub use holds::{
+    HoldChange, HoldError, HoldLimits, HoldState, HoldWriteError, Holds, Settle, Take,
+};
 pub use idempotency::{CacheFull, Fingerprint, IdempotencyCache, Lookup};
 pub use ops::{Action, BatchError, Op, OpError};
 pub use store::{Applied, SkuId, Stock, Store};

@@ -170,6 +170,10 @@ pub struct Op {
     pub amount: u64,
     /// Apply only if the SKU's version before the batch equals this.
     pub if_version: Option<u64>,
+    /// The op acts on units of a hold (PROTOCOL.md "Holds"): a `reserve` adds to the SKU's held
+    /// units, a `release` / `commit` takes from them. An op without it (anonymous) may not
+    /// take held units: `release` / `commit` see only `reserved - held` (see `super::store`).
+    pub held: bool,
 }
 
 impl Op {
@@ -180,6 +184,15 @@ impl Op {
             action,
             amount,
             if_version: None,
+            held: false,
+        }
+    }
+
+    /// An op on a hold's units (see [`Op::held`]).
+    pub fn held(sku: SkuId, action: Action, amount: u64) -> Op {
+        Op {
+            held: true,
+            ..Op::new(sku, action, amount)
         }
     }
 

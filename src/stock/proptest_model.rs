@@ -184,6 +184,7 @@ impl Harness {
             action: op.action,
             amount: op.amount,
             if_version: op.if_version,
+            held: false,
         };
         resolved
             .iter()

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 
-use super::ops::{BatchError, Op, OpError, ON_HAND_MAX};
+use super::ops::{Action, BatchError, Op, OpError, ON_HAND_MAX};
 use super::sku;
 
 /// Most SKU slots one store can hold: a [`SkuId`] is a `u32`. Memory runs out long before this
@@ -203,10 +203,11 @@ impl Store {
     /// Validates `ops` as [`Store::apply`] would, without changing anything.
     pub fn check(&self, ops: &[Op]) -> Result<(), BatchError> {
         let mut touched = Vec::new();
-        self.stage(ops, &mut touched)
+        self.stage(ops, &no_held, &mut touched)
     }
 
-    /// Applies `ops` atomically, as one change (PROTOCOL.md "Operations", batch).
+    /// Applies `ops` atomically, as one change (PROTOCOL.md "Operations", batch), with no
+    /// units held by holds (see [`Store::apply_held`]).
     ///
     /// Ops apply in order, each seeing the effect of those before it; `if_version` compares with
     /// the version before the batch. If any op fails, nothing changes and the error names the
@@ -217,9 +218,22 @@ impl Store {
     /// Allocates the two result `Vec`s and nothing else unless the batch touches more than
     /// [`BATCH_LINEAR_SCAN_SKUS_MAX`] distinct SKUs.
     pub fn apply(&mut self, ops: &[Op]) -> Result<Applied, BatchError> {
+        self.apply_held(ops, &no_held)
+    }
+
+    /// [`Store::apply`] where `held(sku)` units of each SKU's `reserved` belong to holds
+    /// (PROTOCOL.md "Holds"): an anonymous `release` / `commit` sees only `reserved - held`,
+    /// an op with [`Op::held`] moves units into (`reserve`) or out of (`release`, `commit`) the
+    /// held part. The store does not keep held units itself: the hold table
+    /// (`super::holds`) owns them and updates them after an accepted apply.
+    pub fn apply_held(
+        &mut self,
+        ops: &[Op],
+        held: &dyn Fn(SkuId) -> u64,
+    ) -> Result<Applied, BatchError> {
         // The scratch copies of the touched SKUs become `changed` once the batch passes.
         let mut changed = Vec::with_capacity(ops.len());
-        self.stage(ops, &mut changed)?;
+        self.stage(ops, held, &mut changed)?;
         for (id, stock) in changed.iter_mut() {
             let before = self.stocks[id.slot()];
             stock.version = before
@@ -248,15 +262,26 @@ impl Store {
     }
 
     /// Runs `ops` on scratch copies of the SKUs they touch, leaving those copies (with their
-    /// pre-batch versions) in `touched`, in first-touch order.
-    fn stage(&self, ops: &[Op], touched: &mut Vec<(SkuId, Stock)>) -> Result<(), BatchError> {
+    /// pre-batch versions) in `touched`, in first-touch order. Held units are tracked beside
+    /// the copies, since a batch may take a hold and then try an anonymous release.
+    fn stage(
+        &self,
+        ops: &[Op],
+        held: &dyn Fn(SkuId) -> u64,
+        touched: &mut Vec<(SkuId, Stock)>,
+    ) -> Result<(), BatchError> {
         let mut positions = Positions::default();
+        let mut held_working: Vec<u64> = Vec::new();
         for (index, op) in ops.iter().enumerate() {
             let committed = self.get(op.sku);
             let position = positions.find_or_push(touched, op.sku, committed);
+            if position == held_working.len() {
+                held_working.push(held(op.sku));
+            }
             let working = touched[position].1;
-            let after =
-                stage_op(op, committed, working).map_err(|error| BatchError { index, error })?;
+            let held_units = &mut held_working[position];
+            let after = stage_op(op, committed, working, held_units)
+                .map_err(|error| BatchError { index, error })?;
             touched[position].1 = after;
         }
         Ok(())
@@ -278,12 +303,23 @@ impl Store {
     }
 }
 
-/// One op against the working copy of its SKU. `committed` is the SKU's state before the batch.
+/// No SKU has held units (stores used without holds, and `check`).
+fn no_held(_: SkuId) -> u64 {
+    0
+}
+
+/// One op against the working copy of its SKU. `committed` is the SKU's state before the batch;
+/// `held` the working count of its units held by holds, updated when the op is accepted.
 ///
 /// A malformed amount is reported before a version conflict: it is a client bug whatever the
 /// state, and the API may already have refused it while parsing, so checking it first gives the
 /// same error whichever layer catches it.
-pub(crate) fn stage_op(op: &Op, committed: Stock, working: Stock) -> Result<Stock, OpError> {
+pub(crate) fn stage_op(
+    op: &Op,
+    committed: Stock,
+    working: Stock,
+    held: &mut u64,
+) -> Result<Stock, OpError> {
     if !op.action.amount_range().contains(&op.amount) {
         let amount = Some(i128::from(op.amount));
         return Err(OpError::InvalidChange {
@@ -291,13 +327,39 @@ pub(crate) fn stage_op(op: &Op, committed: Stock, working: Stock) -> Result<Stoc
             amount,
         });
     }
-    match op.if_version {
-        Some(expected) if expected != committed.version => Err(OpError::VersionConflict {
-            expected,
-            current: committed,
-        }),
-        _ => op.action.apply(working, op.amount),
+    if let Some(expected) = op.if_version {
+        if expected != committed.version {
+            return Err(OpError::VersionConflict {
+                expected,
+                current: committed,
+            });
+        }
     }
+    assert!(
+        *held <= working.reserved,
+        "held units {held} pass reserved in {working:?}"
+    );
+    let takes_reserved = matches!(op.action, Action::Release | Action::Commit);
+    // PROTOCOL.md "Holds": an anonymous release / commit may not take held units, and a hold
+    // acts on exactly its own units.
+    let free = if op.held {
+        *held
+    } else {
+        working.reserved - *held
+    };
+    if takes_reserved && op.amount > free {
+        return Err(OpError::InsufficientReserved {
+            reserved: free,
+            requested: op.amount,
+        });
+    }
+    let after = op.action.apply(working, op.amount)?;
+    match (op.held, op.action) {
+        (true, Action::Reserve) => *held += op.amount,
+        (true, Action::Release | Action::Commit) => *held -= op.amount,
+        _ => {}
+    }
+    Ok(after)
 }
 
 /// Where each touched SKU sits in a batch's scratch list.
@@ -339,7 +401,7 @@ impl Positions {
 
 #[cfg(test)]
 mod tests {
-    use super::super::ops::{Action, CHANGE_MAX};
+    use super::super::ops::CHANGE_MAX;
     use super::*;
 
     fn stock(on_hand: u64, reserved: u64, version: u64) -> Stock {

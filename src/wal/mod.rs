@@ -38,6 +38,39 @@ pub use snapshot::SnapshotPart;
 pub struct Record {
     pub states: Vec<(String, Stock)>,
     pub key: Option<KeyRecord>,
+    /// The state after the change of every hold it changed (PROTOCOL.md "Holds").
+    pub holds: Vec<HoldRecord>,
+}
+
+impl Record {
+    /// A record without holds.
+    pub fn new(states: Vec<(String, Stock)>, key: Option<KeyRecord>) -> Record {
+        Record {
+            states,
+            key,
+            holds: Vec::new(),
+        }
+    }
+}
+
+/// A hold's state after a change, as logged: SKUs by name, like the states.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldRecord {
+    pub hold: String,
+    pub state: LoggedHold,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoggedHold {
+    Live {
+        deadline_ms: u64,
+        lines: Vec<(String, u64)>,
+    },
+    Expired {
+        at_ms: u64,
+    },
+    /// Committed or released: the id is free.
+    Gone,
 }
 
 /// An idempotency key with the request's fingerprint and the result it answered.

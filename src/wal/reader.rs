@@ -144,6 +144,7 @@ mod tests {
 
     fn record(i: u64) -> Record {
         Record {
+            holds: Vec::new(),
             states: vec![(
                 format!("sku-{}", i % 7),
                 Stock {

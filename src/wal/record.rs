@@ -10,7 +10,17 @@
 //!   if 1: u8 key_len, key, u64 LE fingerprint, varint created_secs, varint n_result,
 //!         n_result x state
 //! state = u8 name_len, name, varint on_hand, varint reserved, varint version
+//! then, only in records that change holds (PROTOCOL.md "Holds"):
+//! u8 HOLDS_SECTION (2), varint n_holds, n_holds x hold
+//! hold = u8 name_len, name, u8 kind, then by kind:
+//!   1 live:    varint deadline_ms, varint n_lines, n_lines x (u8 name_len, sku, varint units)
+//!   2 gone     (committed or released)
+//!   3 expired: varint at_ms
 //! ```
+//!
+//! The holds section came after the first logs were written: a record without it is a record
+//! of the first format (no hold changed), so old logs recover unchanged. A snapshot stores live
+//! holds and expired markers with the same `hold` encoding.
 //!
 //! Varints are LEB128 (7 bits per byte, low first, at most 10 bytes). Names and keys are at
 //! most 128 bytes, so one length byte is enough. Decoding never panics on any input: every
@@ -18,8 +28,14 @@
 
 use std::fmt;
 
-use super::{KeyRecord, Record};
+use super::{HoldRecord, KeyRecord, LoggedHold, Record};
 use crate::stock::Stock;
+
+/// Marks the holds section after a record's key.
+pub const HOLDS_SECTION: u8 = 2;
+const HOLD_LIVE: u8 = 1;
+const HOLD_GONE: u8 = 2;
+const HOLD_EXPIRED: u8 = 3;
 
 /// Bytes before a frame's body: length and CRC.
 pub const FRAME_HEADER_BYTES: usize = 8;
@@ -112,7 +128,35 @@ pub fn encode_record(out: &mut Vec<u8>, seq: u64, record: &Record) -> Option<usi
             put_key(out, key);
         }
     }
+    if !record.holds.is_empty() {
+        out.push(HOLDS_SECTION);
+        put_varint(out, record.holds.len() as u64);
+        for hold in &record.holds {
+            put_hold(out, hold);
+        }
+    }
     end_frame(out, start)
+}
+
+/// Appends one hold's state.
+pub fn put_hold(out: &mut Vec<u8>, hold: &HoldRecord) {
+    put_name(out, &hold.hold);
+    match &hold.state {
+        LoggedHold::Live { deadline_ms, lines } => {
+            out.push(HOLD_LIVE);
+            put_varint(out, *deadline_ms);
+            put_varint(out, lines.len() as u64);
+            for (sku, units) in lines {
+                put_name(out, sku);
+                put_varint(out, *units);
+            }
+        }
+        LoggedHold::Gone => out.push(HOLD_GONE),
+        LoggedHold::Expired { at_ms } => {
+            out.push(HOLD_EXPIRED);
+            put_varint(out, *at_ms);
+        }
+    }
 }
 
 /// Decodes a log record's body (after the frame header): its sequence number and record.
@@ -125,8 +169,9 @@ pub fn decode_record(body: &[u8]) -> Result<(u64, Record), DecodeError> {
         1 => Some(cursor.key()?),
         other => return Err(DecodeError::BadFlag(other)),
     };
+    let holds = cursor.holds_section()?;
     cursor.finish()?;
-    Ok((seq, Record { states, key }))
+    Ok((seq, Record { states, key, holds }))
 }
 
 /// An idempotency key as encoded in a record: its name, creation time, and its encoding
@@ -149,11 +194,17 @@ pub fn record_key(body: &[u8]) -> Result<Option<EncodedKey<'_>>, DecodeError> {
     }
     match cursor.u8()? {
         0 => {
+            cursor.holds_section()?;
             cursor.finish()?;
             Ok(None)
         }
         1 => {
-            let bytes = &body[cursor.at..];
+            // The key's bytes end where the holds section (if any) begins.
+            let start = cursor.at;
+            cursor.key()?;
+            let bytes = &body[start..cursor.at];
+            cursor.holds_section()?;
+            cursor.finish()?;
             encoded_key(bytes).map(Some)
         }
         other => Err(DecodeError::BadFlag(other)),
@@ -344,6 +395,44 @@ impl<'a> Cursor<'a> {
         })
     }
 
+    /// One hold's state, as [`put_hold`] wrote it.
+    pub fn hold(&mut self) -> Result<HoldRecord, DecodeError> {
+        let hold = self.text()?;
+        let state = match self.u8()? {
+            HOLD_LIVE => {
+                let deadline_ms = self.varint()?;
+                // A line is at least 3 bytes: name length, a 1-byte name, a 1-byte varint.
+                let n = self.count(3)?;
+                let lines = (0..n)
+                    .map(|_| Ok((self.text()?, self.varint()?)))
+                    .collect::<Result<_, DecodeError>>()?;
+                LoggedHold::Live { deadline_ms, lines }
+            }
+            HOLD_GONE => LoggedHold::Gone,
+            HOLD_EXPIRED => LoggedHold::Expired {
+                at_ms: self.varint()?,
+            },
+            other => return Err(DecodeError::BadFlag(other)),
+        };
+        Ok(HoldRecord { hold, state })
+    }
+
+    /// The optional holds section at the end of a record (empty when absent: a record of the
+    /// first format).
+    fn holds_section(&mut self) -> Result<Vec<HoldRecord>, DecodeError> {
+        if self.is_done() {
+            return Ok(Vec::new());
+        }
+        match self.u8()? {
+            HOLDS_SECTION => {
+                // A hold is at least 3 bytes: name length, a 1-byte name, its kind.
+                let n = self.count(3)?;
+                (0..n).map(|_| self.hold()).collect()
+            }
+            other => Err(DecodeError::BadFlag(other)),
+        }
+    }
+
     pub fn is_done(&self) -> bool {
         self.at == self.bytes.len()
     }
@@ -370,6 +459,7 @@ mod tests {
 
     fn sample() -> Record {
         Record {
+            holds: Vec::new(),
             states: vec![
                 ("sku-1".into(), stock(10, 2, 3)),
                 ("b".repeat(128), stock(1_000_000_000_000, 0, u64::MAX)),
@@ -388,10 +478,12 @@ mod tests {
         let cases = [
             sample(),
             Record {
+                holds: Vec::new(),
                 states: vec![],
                 key: None,
             },
             Record {
+                holds: Vec::new(),
                 states: vec![("x".into(), stock(0, 0, 1))],
                 key: None,
             },
@@ -426,6 +518,7 @@ mod tests {
         assert_eq!(found.bytes, &expected[..]);
         let mut keyless = Vec::new();
         let no_key = Record {
+            holds: Vec::new(),
             key: None,
             ..record
         };
@@ -437,6 +530,76 @@ mod tests {
                 "cut {cut}"
             );
         }
+    }
+
+    fn with_holds() -> Record {
+        Record {
+            holds: vec![
+                HoldRecord {
+                    hold: "cart-1".into(),
+                    state: LoggedHold::Live {
+                        deadline_ms: 1_700_000_000_123,
+                        lines: vec![("sku-1".into(), 2), ("b".repeat(128), 1_000_000_000)],
+                    },
+                },
+                HoldRecord {
+                    hold: "h".repeat(128),
+                    state: LoggedHold::Gone,
+                },
+                HoldRecord {
+                    hold: "x".into(),
+                    state: LoggedHold::Expired { at_ms: 5 },
+                },
+            ],
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn records_with_holds_round_trip_and_keep_their_key_findable() {
+        for record in [
+            with_holds(),
+            Record {
+                key: None,
+                ..with_holds()
+            },
+        ] {
+            let mut out = Vec::new();
+            encode_record(&mut out, 9, &record).unwrap();
+            let body = &out[FRAME_HEADER_BYTES..];
+            assert_eq!(decode_record(body).unwrap(), (9, record.clone()));
+            let found = record_key(body).unwrap();
+            assert_eq!(
+                found.map(|k| k.key),
+                record.key.as_ref().map(|k| k.key.as_str())
+            );
+            if let Some(key) = &record.key {
+                let mut expected = Vec::new();
+                put_key(&mut expected, key);
+                assert_eq!(record_key(body).unwrap().unwrap().bytes, &expected[..]);
+            }
+            for at in 0..body.len() {
+                for value in [0u8, 0x7f, 0x80, 0xff] {
+                    let mut changed = body.to_vec();
+                    changed[at] = value;
+                    let _ = decode_record(&changed);
+                    let _ = record_key(&changed);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_record_of_the_first_format_has_no_holds() {
+        // Bytes as the first format wrote them: states, key flag, nothing after.
+        let mut body = 3u64.to_le_bytes().to_vec();
+        put_varint(&mut body, 1);
+        put_state(&mut body, "a", stock(1, 0, 1));
+        body.push(0);
+        let (seq, record) = decode_record(&body).unwrap();
+        assert_eq!((seq, record.holds.len(), record.states.len()), (3, 0, 1));
+        body.push(9);
+        assert_eq!(decode_record(&body), Err(DecodeError::BadFlag(9)));
     }
 
     #[test]

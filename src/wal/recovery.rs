@@ -19,7 +19,8 @@ use super::reader::{self, ScanEnd};
 use super::record::{decode_record, encoded_key, put_key, record_key};
 use super::snapshot::KeyShadow;
 use super::writer::{open_segment, parse_segment_name, segment_file_name, DiskLog, OpenSegments};
-use super::{snapshot, KeyRecord, LogOptions, WalError};
+use super::{snapshot, HoldRecord, KeyRecord, LogOptions, LoggedHold, WalError};
+use crate::stock::holds::{hold_id_is_valid, HoldState, Holds};
 use crate::stock::idempotency::key_is_valid;
 use crate::stock::{Fingerprint, IdempotencyCache, Stock, Store};
 
@@ -44,6 +45,8 @@ pub struct RecoveryReport {
 pub struct Recovered {
     pub store: Store,
     pub keys: IdempotencyCache,
+    /// Holds as logged: some may be past their deadline (the engine expires them at start).
+    pub holds: Holds,
     pub log: DiskLog,
     pub report: RecoveryReport,
 }
@@ -53,6 +56,17 @@ pub fn open(
     dir: &Path,
     options: LogOptions,
     keys: IdempotencyCache,
+    now_secs: u64,
+) -> Result<Recovered, WalError> {
+    open_with_holds(dir, options, keys, Holds::default(), now_secs)
+}
+
+/// [`open`], restoring holds into `holds` (empty, with the configured limits).
+pub fn open_with_holds(
+    dir: &Path,
+    options: LogOptions,
+    keys: IdempotencyCache,
+    holds: Holds,
     now_secs: u64,
 ) -> Result<Recovered, WalError> {
     let started = Instant::now();
@@ -72,12 +86,14 @@ pub fn open(
         },
         LockError::Io(error) => WalError::io(&dir.join(super::lock::LOCK_FILE), error),
     })?;
-    let (store, keys, shadow, segments, mut report) = load(dir, options, keys, now_secs)?;
+    let (store, keys, holds, shadow, segments, mut report) =
+        load(dir, options, keys, holds, now_secs)?;
     let log = DiskLog::start(segments, options, shadow, lock).map_err(|e| WalError::io(dir, e))?;
     report.elapsed = started.elapsed();
     Ok(Recovered {
         store,
         keys,
+        holds,
         log,
         report,
     })
@@ -87,6 +103,7 @@ pub fn open(
 struct Restorer {
     store: Store,
     keys: IdempotencyCache,
+    holds: Holds,
     now_secs: u64,
     keys_dropped: u64,
 }
@@ -100,6 +117,34 @@ impl Restorer {
             .restore(name, stock)
             .map(|_| ())
             .map_err(|_| format!("invalid SKU name {name:?}"))
+    }
+
+    /// Sets a hold to its logged state. Its SKUs must be known by now (the record or snapshot
+    /// that holds them carries their states first).
+    fn hold(&mut self, hold: HoldRecord) -> Result<(), String> {
+        if !hold_id_is_valid(&hold.hold) {
+            return Err(format!("invalid hold id {:?}", hold.hold));
+        }
+        let state = match hold.state {
+            LoggedHold::Gone => HoldState::Gone,
+            LoggedHold::Expired { at_ms } => HoldState::Expired { at_ms },
+            LoggedHold::Live { deadline_ms, lines } => {
+                let mut bound = Vec::with_capacity(lines.len());
+                for (name, units) in lines {
+                    let sku = self.store.lookup(&name).filter(|_| units > 0);
+                    let sku = sku.ok_or_else(|| {
+                        format!("hold {} holds {units} of unknown SKU {name:?}", hold.hold)
+                    })?;
+                    bound.push((sku, units));
+                }
+                HoldState::Live {
+                    lines: bound,
+                    deadline_ms,
+                }
+            }
+        };
+        self.holds.set(&hold.hold, state);
+        Ok(())
     }
 
     fn key(&mut self, key: KeyRecord) -> Result<(), String> {
@@ -136,6 +181,7 @@ impl Restorer {
 type Loaded = (
     Store,
     IdempotencyCache,
+    Holds,
     KeyShadow,
     OpenSegments,
     RecoveryReport,
@@ -145,6 +191,7 @@ fn load(
     dir: &Path,
     options: LogOptions,
     keys: IdempotencyCache,
+    holds: Holds,
     now_secs: u64,
 ) -> Result<Loaded, WalError> {
     let mut snapshots = Vec::new();
@@ -168,6 +215,7 @@ fn load(
     let mut restorer = Restorer {
         store: Store::new(),
         keys,
+        holds,
         now_secs,
         keys_dropped: 0,
     };
@@ -181,7 +229,8 @@ fn load(
         let mut failure: Option<String> = None;
         let mut states = 0u64;
         let mut keys = Vec::new();
-        let read = snapshot::read(
+        let mut holds = Vec::new();
+        let read = snapshot::read_with_holds(
             &bytes,
             |name, stock| {
                 states += 1;
@@ -190,12 +239,18 @@ fn load(
                 }
             },
             |key| keys.push(key),
+            |hold| holds.push(hold),
         );
         let from = read.map_err(|error| WalError::CorruptSnapshot {
             path: path.clone(),
             error,
         })?;
         report.snapshot_keys = keys.len() as u64;
+        for hold in holds {
+            if failure.is_none() {
+                failure = restorer.hold(hold).err();
+            }
+        }
         let mut encoded = Vec::new();
         for key in keys {
             if live(key.created_secs, restorer.keys.ttl_secs()) {
@@ -268,6 +323,9 @@ fn load(
             if let Some(key) = record.key {
                 restorer.key(key).map_err(corrupt)?;
             }
+            for hold in record.holds {
+                restorer.hold(hold).map_err(corrupt)?;
+            }
             report.records_replayed += 1;
             next_seq = seq + 1;
             Ok(seq)
@@ -314,6 +372,14 @@ fn load(
         }
     }
     restorer.keys.expire(now_secs);
+    restorer.holds.prune_markers(now_secs.saturating_mul(1000));
+    if let Err(reason) = restorer.holds.check(&restorer.store) {
+        return Err(WalError::CorruptRecord {
+            path: dir.to_path_buf(),
+            offset: 0,
+            reason: format!("holds and stock disagree after replay: {reason}"),
+        });
+    }
     report.keys_dropped = restorer.keys_dropped;
     report.segments = segments.len();
     report.next_seq = next_seq;
@@ -343,7 +409,14 @@ fn load(
         next_seq,
         log_bytes: report.log_bytes,
     };
-    Ok((restorer.store, restorer.keys, shadow, open, report))
+    Ok((
+        restorer.store,
+        restorer.keys,
+        restorer.holds,
+        shadow,
+        open,
+        report,
+    ))
 }
 
 fn truncate(path: &Path, offset: u64, sync: bool) -> Result<(), WalError> {
@@ -392,6 +465,7 @@ mod tests {
     fn record(sku: &str, version: u64, key: Option<&str>) -> Record {
         let states = vec![(sku.to_string(), stock(version))];
         Record {
+            holds: Vec::new(),
             key: key.map(|key| KeyRecord {
                 key: key.to_string(),
                 fingerprint: version,

@@ -7,8 +7,15 @@
 //! HEADER  u64 LE replay_from, u64 LE created_secs
 //! STATES  state...            (until the body ends)
 //! KEYS    key...              (until the body ends)
+//! HOLDS   hold...             (until the body ends; live holds and expired markers)
 //! END     varint states_total, varint keys_total
 //! ```
+//!
+//! HOLDS frames came with holds (PROTOCOL.md "Holds"); a snapshot
+//! without them is one of the first format and has no holds. Holds are added by the service
+//! in the last part, from their durable state, and the same fuzzy-snapshot argument as for
+//! the states holds: every record carries the full state after the change of each hold it
+//! touches.
 //!
 //! It is written to `<name>.tmp`, fsynced, renamed into place and the directory fsynced, so a
 //! file with the final name is complete; a crash leaves at most a `.tmp` that start-up deletes.
@@ -38,6 +45,7 @@ const KIND_HEADER: u8 = 1;
 const KIND_STATES: u8 = 2;
 const KIND_KEYS: u8 = 3;
 const KIND_END: u8 = 4;
+const KIND_HOLDS: u8 = 5;
 
 /// A snapshot frame is closed once its body passes this, so frames stay small to check and
 /// a chunk of any size splits by itself.
@@ -62,6 +70,7 @@ pub struct SnapshotPart {
     bytes: Vec<u8>,
     open: Option<(usize, u8)>,
     states: u64,
+    holds: u64,
     /// `Some(slot)`: more states follow, from this store slot on. `None`: this is the last
     /// part (the snapshot thread adds the keys, see [`KeyShadow`]).
     pub next_slot: Option<u32>,
@@ -80,6 +89,17 @@ impl SnapshotPart {
 
     pub fn states(&self) -> u64 {
         self.states
+    }
+
+    /// Adds a live hold or an expired marker (in the last part).
+    pub fn hold(&mut self, hold: &super::HoldRecord) {
+        self.enter(KIND_HOLDS);
+        super::record::put_hold(&mut self.bytes, hold);
+        self.holds += 1;
+    }
+
+    pub fn holds(&self) -> u64 {
+        self.holds
     }
 
     pub fn byte_len(&self) -> usize {
@@ -393,8 +413,19 @@ impl std::fmt::Display for SnapshotError {
 /// `replay_from`. Everything is checked: frame CRCs, content, and the end frame's counts.
 pub fn read(
     bytes: &[u8],
+    on_state: impl FnMut(String, Stock),
+    on_key: impl FnMut(KeyRecord),
+) -> Result<u64, SnapshotError> {
+    read_with_holds(bytes, on_state, on_key, |_| {})
+}
+
+/// [`read`], also handing over each live hold and expired marker. HOLDS frames are checked
+/// by their CRC; the END frame keeps the first format's two counts, so it does not count them.
+pub fn read_with_holds(
+    bytes: &[u8],
     mut on_state: impl FnMut(String, Stock),
     mut on_key: impl FnMut(KeyRecord),
+    mut on_hold: impl FnMut(super::HoldRecord),
 ) -> Result<u64, SnapshotError> {
     let mut at = 0usize;
     let mut replay_from = None;
@@ -438,6 +469,11 @@ pub fn read(
                 while !cursor.is_done() {
                     on_key(cursor.key().map_err(body_error)?);
                     keys += 1;
+                }
+            }
+            (KIND_HOLDS, Some(_)) => {
+                while !cursor.is_done() {
+                    on_hold(cursor.hold().map_err(body_error)?);
                 }
             }
             (KIND_END, Some(from)) => {
@@ -488,6 +524,7 @@ mod tests {
         // A durable batch with a keyed record (its key goes in) and a keyless one.
         let mut batch = Vec::new();
         let record = |key: Option<KeyRecord>| super::super::Record {
+            holds: Vec::new(),
             states: vec![("sku-1".to_string(), stock(1))],
             key,
         };
@@ -548,6 +585,7 @@ mod tests {
             .enumerate()
         {
             let record = super::super::Record {
+                holds: Vec::new(),
                 states: vec![("s".to_string(), stock(1))],
                 key: Some(KeyRecord {
                     key: key.into(),

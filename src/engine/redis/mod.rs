@@ -508,6 +508,7 @@ impl RedisEngine {
             results: states,
             changed,
             duplicate: false,
+            view: None,
         }
     }
 
@@ -742,7 +743,7 @@ impl RedisEngine {
             version: committed.version,
         };
         let error = if committed.is_valid() && working.is_valid() {
-            crate::stock::store::stage_op(op, committed, working).err()
+            crate::stock::store::stage_op(op, committed, working, &mut 0).err()
         } else {
             None
         }
@@ -1008,6 +1009,19 @@ impl Engine for RedisEngine {
     }
 
     fn submit(&mut self, cx: &mut Ctx<'_>, req: &WriteRequest, _now_secs: u64) -> Submitted {
+        // Holds are decided by the embedded engine only so far: a hold op must never be
+        // applied here as an anonymous reserve (its units would never expire).
+        let hold = req
+            .hold
+            .as_ref()
+            .map(|command| command.hold.as_str())
+            .or_else(|| req.ops.iter().find_map(|op| op.hold.as_deref()));
+        if let Some(hold) = hold {
+            return Submitted::Now(Outcome::refused(super::holds_unsupported(
+                self.kind(),
+                hold,
+            )));
+        }
         self.ensure_links(cx);
         if self.refusing().is_some() || self.writes_in_flight >= WRITES_IN_FLIGHT_MAX {
             let mut error = self.unavailable();
@@ -1071,6 +1085,7 @@ impl Engine for RedisEngine {
             refusing: self.refusing(),
             // Kept in Redis, with their TTL; not counted here.
             idempotency_keys: 0,
+            holds: Default::default(),
         }
     }
 
