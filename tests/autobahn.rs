@@ -45,6 +45,6 @@ fn autobahn_fuzzingclient_every_case_passes() {
     );
     assert!(
         status.success(),
-        "Autobahn cases failed (each is listed above with the runner's reason)"
+        "Autobahn cases failed (each is listed above with the runner's reason); driver {status}"
     );
 }

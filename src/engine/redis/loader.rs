@@ -16,6 +16,9 @@ use crate::stock::Store;
 /// How long one start-up round trip may take before the start fails.
 const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// SKUs asked for per HSCAN page while loading (a hint to Redis; ~50 bytes each on the wire).
+const LOAD_PAGE_SKUS: usize = 100_000;
+
 /// How a failure to reach Redis at all begins (the process may start without it).
 pub const CONNECT_FAILED: &str = "cannot connect to Redis";
 
@@ -55,11 +58,21 @@ impl BlockingClient {
 
     /// Sends one command and reads its reply.
     pub fn call<A: AsRef<[u8]>>(&mut self, args: &[A]) -> Result<Value, String> {
+        self.send(args)?;
+        self.reply()
+    }
+
+    /// Sends one command; its reply is read by [`BlockingClient::reply`].
+    pub fn send<A: AsRef<[u8]>>(&mut self, args: &[A]) -> Result<(), String> {
         let mut out = Vec::new();
         resp::encode(&mut out, args);
         self.stream
             .write_all(&out)
-            .map_err(|e| format!("writing to Redis: {e}"))?;
+            .map_err(|e| format!("writing to Redis: {e}"))
+    }
+
+    /// Reads the next reply.
+    pub fn reply(&mut self) -> Result<Value, String> {
         let mut chunk = vec![0u8; 1 << 20];
         loop {
             if let Some((value, used)) =
@@ -107,6 +120,10 @@ fn check_persistence(client: &mut BlockingClient) {
     }
 }
 
+fn scan_args<'a>(key: &'a str, cursor: &'a str, page: &'a str) -> [&'a str; 5] {
+    ["HSCAN", key, cursor, "COUNT", page]
+}
+
 /// Connects, loads the scripts, reads or makes the epoch and loads every SKU.
 pub fn load(
     addr: SocketAddr,
@@ -126,7 +143,52 @@ pub fn load(
     // SET NX: of several processes starting at once on a new Redis, one epoch wins.
     client.call(&["SET", keys.epoch.as_str(), fresh.as_str(), "NX"])?;
     let mut replica = Store::new();
-    let mut from = "0".to_string();
+    // Bulk first: HSCAN the whole stock hash (no script, big pages), noting the sequence
+    // before it; every SKU present throughout the scan comes back at least once, in a state at
+    // least as new as at `before`. Then the catch-up script from `before` reads, atomically,
+    // everything changed since (created or changed during the scan), so the replica ends exact
+    // as of the catch-up's sequence.
+    let before = client
+        .call(&["GET", keys.seq.as_str()])?
+        .as_int()
+        .unwrap_or(0)
+        .max(0);
+    let page = LOAD_PAGE_SKUS.to_string();
+    client.send(&scan_args(&keys.stock, "0", &page))?;
+    loop {
+        let reply = client.reply()?;
+        let Value::Array(parts) = reply else {
+            return Err(format!("unexpected HSCAN reply: {reply:?}"));
+        };
+        let (Some(next), Some(Value::Array(fields))) = (parts.first(), parts.get(1)) else {
+            return Err("unexpected HSCAN reply".into());
+        };
+        let next = next
+            .as_str()
+            .ok_or_else(|| "bad HSCAN cursor".to_string())?;
+        // Redis scans the next page while we intern this one.
+        let more = next != "0";
+        if more {
+            client.send(&scan_args(&keys.stock, next, &page))?;
+        }
+        for pair in fields.chunks(2) {
+            let (Some(name), Some(state)) = (
+                pair.first().and_then(Value::as_str),
+                pair.get(1).and_then(Value::as_str),
+            ) else {
+                return Err("malformed HSCAN entry".into());
+            };
+            let stock = scripts::parse_state(state)
+                .ok_or_else(|| format!("malformed state of `{name}` in Redis"))?;
+            replica
+                .restore(name, stock)
+                .map_err(|e| format!("SKU `{name}` in Redis: {e}"))?;
+        }
+        if !more {
+            break;
+        }
+    }
+    let mut from = before.to_string();
     let sha = scripts::sha1_hex(scripts::CHANGES_SINCE);
     let limit = chunk_skus.to_string();
     loop {
@@ -145,9 +207,15 @@ pub fn load(
         for (name, stock) in scripts::parse_states(&chunk.states)
             .ok_or_else(|| "malformed state in Redis".to_string())?
         {
-            replica
-                .restore(name, stock)
-                .map_err(|e| format!("SKU `{name}` in Redis: {e}"))?;
+            // Newer only: the scan may already hold a state as new as the catch-up's.
+            let newer = replica
+                .lookup(name)
+                .map_or(true, |sku| replica.get(sku).version < stock.version);
+            if newer {
+                replica
+                    .restore(name, stock)
+                    .map_err(|e| format!("SKU `{name}` in Redis: {e}"))?;
+            }
         }
         if !chunk.more {
             info!(

@@ -111,14 +111,27 @@ fn push_header(out: &mut Vec<u8>, kind: u8, len: usize) {
 /// Parses one reply from the front of `buf`: `Ok(Some((value, consumed)))`, or `Ok(None)` if
 /// `buf` does not hold a whole reply yet.
 pub fn parse(buf: &[u8]) -> Result<Option<(Value, usize)>, RespError> {
+    // A large reply arrives in many reads: first check, without allocating, that it is whole,
+    // so the values are built once instead of once per read.
     let mut at = 0;
-    match parse_at(buf, &mut at, 0)? {
+    if parse_at(buf, &mut at, 0, false)?.is_none() {
+        return Ok(None);
+    }
+    let mut at = 0;
+    match parse_at(buf, &mut at, 0, true)? {
         Some(value) => Ok(Some((value, at))),
         None => Ok(None),
     }
 }
 
-fn parse_at(buf: &[u8], at: &mut usize, depth: usize) -> Result<Option<Value>, RespError> {
+/// Parses (with `build`) or only measures (without: every value comes back as `Nil`) one
+/// reply at `*at`.
+fn parse_at(
+    buf: &[u8],
+    at: &mut usize,
+    depth: usize,
+    build: bool,
+) -> Result<Option<Value>, RespError> {
     if depth > DEPTH_MAX {
         return Err(RespError::TooDeep);
     }
@@ -136,8 +149,11 @@ fn parse_at(buf: &[u8], at: &mut usize, depth: usize) -> Result<Option<Value>, R
     let after_line = line_end + 2;
     match kind {
         b'+' | b'-' => {
-            let text = String::from_utf8_lossy(line).into_owned();
             *at = after_line;
+            if !build {
+                return Ok(Some(Value::Nil));
+            }
+            let text = String::from_utf8_lossy(line).into_owned();
             Ok(Some(if kind == b'+' {
                 Value::Simple(text)
             } else {
@@ -170,6 +186,9 @@ fn parse_at(buf: &[u8], at: &mut usize, depth: usize) -> Result<Option<Value>, R
                 return Err(RespError::MissingCrlf);
             }
             *at = end + 2;
+            if !build {
+                return Ok(Some(Value::Nil));
+            }
             Ok(Some(Value::Bulk(buf[after_line..end].to_vec())))
         }
         b'*' => {
@@ -187,14 +206,19 @@ fn parse_at(buf: &[u8], at: &mut usize, depth: usize) -> Result<Option<Value>, R
             }
             let mut cursor = after_line;
             // Capacity bounded by what the buffer could hold, not by what the peer claims.
-            let mut items = Vec::with_capacity(len.min(buf.len() / 3 + 1));
+            let capacity = if build { len.min(buf.len() / 3 + 1) } else { 0 };
+            let mut items = Vec::with_capacity(capacity);
             for _ in 0..len {
-                match parse_at(buf, &mut cursor, depth + 1)? {
-                    Some(item) => items.push(item),
+                match parse_at(buf, &mut cursor, depth + 1, build)? {
+                    Some(item) if build => items.push(item),
+                    Some(_) => {}
                     None => return Ok(None),
                 }
             }
             *at = cursor;
+            if !build {
+                return Ok(Some(Value::Nil));
+            }
             Ok(Some(Value::Array(items)))
         }
         other => Err(RespError::UnknownType(other)),

@@ -191,8 +191,13 @@ pub fn action_name(action: Action) -> &'static str {
 
 /// One `"sku on_hand reserved version"` line.
 pub fn parse_state_line(line: &str) -> Option<(&str, Stock)> {
-    let mut parts = line.split(' ');
-    let sku = parts.next()?;
+    let (sku, state) = line.split_once(' ')?;
+    Some((sku, parse_state(state)?))
+}
+
+/// A stored state, `"on_hand reserved version"`.
+pub fn parse_state(state: &str) -> Option<Stock> {
+    let mut parts = state.split(' ');
     let on_hand = parts.next()?.parse().ok()?;
     let reserved = parts.next()?.parse().ok()?;
     let version = parts.next()?.parse().ok()?;
@@ -204,7 +209,7 @@ pub fn parse_state_line(line: &str) -> Option<(&str, Stock)> {
         reserved,
         version,
     };
-    stock.is_valid().then_some((sku, stock))
+    stock.is_valid().then_some(stock)
 }
 
 /// Every state line of `text` (lines end with `\n`); `None` if one is malformed.
