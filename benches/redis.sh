@@ -23,6 +23,8 @@ cd "$root"
 OUT="${OUT:-$root/target/bench-redis}"
 PARTS="${PARTS:-ops relay load fleet}"
 DURATION="${DURATION:-5}"
+RELAY_SUBSCRIBERS="${RELAY_SUBSCRIBERS:-1000}"
+RELAY_RATE="${RELAY_RATE:-200}"
 FLEET_WORKERS="${FLEET_WORKERS:-8}"
 FLEET_TOOLS="${FLEET_TOOLS:-6}"
 FLEET_SUBSCRIBERS="${FLEET_SUBSCRIBERS:-16700}"
@@ -111,7 +113,7 @@ relay_run() {
   local label="$1" port="$2"; shift 2
   local before=0 after=0 p
   for p in "$@"; do before=$((before + $(cpu_ticks "$p"))); done
-  "$bench" fanout --addr "127.0.0.1:$port" --token "$TOKEN" --subscribers 2000 --rate 500 \
+  "$bench" fanout --addr "127.0.0.1:$port" --token "$TOKEN" --subscribers "$RELAY_SUBSCRIBERS" --rate "$RELAY_RATE" \
     --duration "$DURATION" --label "$label" >"$OUT/relay-$label.json"
   for p in "$@"; do after=$((after + $(cpu_ticks "$p"))); done
   local deliveries; deliveries=$(json_field "$OUT/relay-$label.json" "['deliveries']")
@@ -123,7 +125,7 @@ relay_run() {
 part_relay() {
   echo "| processes | deliveries | server CPU ticks (10 ms) | server CPU µs per delivery | p99 (ms) |" >"$OUT/relay.md"
   echo "|---|---|---|---|---|" >>"$OUT/relay.md"
-  for round in 1 2; do
+  for round in $(seq "${RELAY_ROUNDS:-3}"); do
     local rport sport dir
     rport=$(free_port); sport=$(free_port); dir="$OUT/relay-redis"
     rm -rf "$dir"; start_redis "$dir" "$rport"
