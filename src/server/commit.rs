@@ -171,10 +171,9 @@ impl StockService {
                 reply::hold_states("ack", id.as_ref(), hold, states, duplicate),
                 false,
             ),
-            ReplyTo::Http(http) => Self::http_ok(
-                http,
-                reply::http_hold_states_body(hold, states, duplicate),
-            ),
+            ReplyTo::Http(http) => {
+                Self::http_ok(http, reply::http_hold_states_body(hold, states, duplicate))
+            }
         }
     }
 

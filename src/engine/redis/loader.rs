@@ -25,6 +25,8 @@ pub struct Loaded {
     /// Every change up to this global sequence is in `replica`.
     pub applied_seq: u64,
     pub epoch: String,
+    /// Every live hold: id, deadline (Redis ms), lines.
+    pub holds: Vec<(String, u64, Vec<(String, u64)>)>,
 }
 
 /// A blocking RESP client for start-up.
@@ -117,7 +119,7 @@ pub fn load(
     let started = Instant::now();
     let mut client = BlockingClient::connect(addr, url)?;
     check_persistence(&mut client);
-    for script in [scripts::WRITE, scripts::CHANGES_SINCE] {
+    for script in scripts::ALL {
         if let Value::Error(e) = client.call(&["SCRIPT", "LOAD", script])? {
             return Err(format!("Redis refused SCRIPT LOAD: {e}"));
         }
@@ -150,9 +152,13 @@ pub fn load(
                 .map_err(|e| format!("SKU `{name}` in Redis: {e}"))?;
         }
         if !chunk.more {
+            let mut holds = load_holds(&mut client, keys)?;
+            let expired = expire_overdue(&mut client, keys, &mut replica, &mut holds)?;
             info!(
-                "loaded {} SKUs from Redis at {url} in {} ms (through change {})",
+                "loaded {} SKUs and {} holds from Redis at {url} in {} ms (through change {}); \
+                 {expired} holds past their deadline expired",
                 replica.known_len(),
+                holds.len(),
                 started.elapsed().as_millis(),
                 chunk.seq
             );
@@ -160,8 +166,118 @@ pub fn load(
                 replica,
                 applied_seq: chunk.seq,
                 epoch: chunk.epoch,
+                holds,
             });
         }
         from = chunk.through;
     }
+}
+
+type LoadedHold = (String, u64, Vec<(String, u64)>);
+
+/// Every live hold, in HSCAN chunks.
+fn load_holds(client: &mut BlockingClient, keys: &Keys) -> Result<Vec<LoadedHold>, String> {
+    let sha = scripts::sha1_hex(scripts::HOLDS);
+    let count = super::HOLDS_CHUNK.to_string();
+    let mut cursor = "0".to_string();
+    let mut holds = Vec::new();
+    // HSCAN may return a hold twice; the last copy wins.
+    let mut seen = std::collections::HashMap::new();
+    loop {
+        let reply = client.call(&[
+            "EVALSHA",
+            sha.as_str(),
+            "2",
+            keys.holds.as_str(),
+            keys.seq.as_str(),
+            cursor.as_str(),
+            count.as_str(),
+        ])?;
+        let chunk = super::HoldsChunk::parse(&reply)?;
+        for hold in chunk.holds {
+            match seen.get(&hold.0) {
+                Some(&at) => holds[at] = hold,
+                None => {
+                    seen.insert(hold.0.clone(), holds.len());
+                    holds.push(hold);
+                }
+            }
+        }
+        if chunk.cursor == "0" {
+            return Ok(holds);
+        }
+        cursor = chunk.cursor;
+    }
+}
+
+/// Expires every hold whose deadline passed while no process ran (PROTOCOL.md "Holds":
+/// released at start, before the port opens), applying each change to `replica`. Other
+/// processes, if any run, may race: the script is idempotent.
+fn expire_overdue(
+    client: &mut BlockingClient,
+    keys: &Keys,
+    replica: &mut Store,
+    holds: &mut Vec<LoadedHold>,
+) -> Result<usize, String> {
+    let now_ms = crate::engine::wall_ms();
+    let sha = scripts::sha1_hex(scripts::EXPIRE_HOLD);
+    let marker_ms = crate::stock::holds::EXPIRED_MARKER_MS.to_string();
+    let mut expired = 0;
+    let mut kept = Vec::with_capacity(holds.len());
+    for hold in holds.drain(..) {
+        if hold.1 > now_ms {
+            kept.push(hold);
+            continue;
+        }
+        let marker = format!("{}{}", keys.expired_prefix, hold.0);
+        let reply = client.call(&[
+            "EVALSHA",
+            sha.as_str(),
+            "8",
+            keys.stock.as_str(),
+            keys.changed.as_str(),
+            keys.seq.as_str(),
+            keys.epoch.as_str(),
+            keys.holds.as_str(),
+            keys.held.as_str(),
+            keys.deadlines.as_str(),
+            marker.as_str(),
+            keys.channel.as_str(),
+            "start",
+            hold.0.as_str(),
+            marker_ms.as_str(),
+        ])?;
+        let Value::Array(items) = &reply else {
+            return Err(format!(
+                "Redis refused to expire hold `{}`: {reply:?}",
+                hold.0
+            ));
+        };
+        match items.first().and_then(Value::as_str) {
+            Some("ok") => {
+                let change = items
+                    .get(2)
+                    .and_then(Value::as_str)
+                    .and_then(scripts::parse_change)
+                    .ok_or_else(|| format!("malformed expiry reply {reply:?}"))?;
+                for (name, stock) in change.states {
+                    let id = replica
+                        .intern(name)
+                        .map_err(|e| format!("SKU `{name}` in Redis: {e}"))?;
+                    if stock.version > replica.get(id).version {
+                        replica
+                            .restore(name, stock)
+                            .map_err(|e| format!("SKU `{name}` in Redis: {e}"))?;
+                    }
+                }
+                expired += 1;
+            }
+            // Expired by another process meanwhile: the catch-up after start brings it.
+            Some("gone") => {}
+            // Its deadline is not past by Redis's clock yet: the timers take it.
+            _ => kept.push(hold),
+        }
+    }
+    *holds = kept;
+    Ok(expired)
 }
