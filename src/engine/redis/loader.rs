@@ -26,7 +26,7 @@ pub struct Loaded {
     pub applied_seq: u64,
     pub epoch: String,
     /// Every live hold: id, deadline (Redis ms), lines.
-    pub holds: Vec<(String, u64, Vec<(String, u64)>)>,
+    pub holds: Vec<scripts::StoredHold>,
 }
 
 /// A blocking RESP client for start-up.
@@ -173,10 +173,8 @@ pub fn load(
     }
 }
 
-type LoadedHold = (String, u64, Vec<(String, u64)>);
-
 /// Every live hold, in HSCAN chunks.
-fn load_holds(client: &mut BlockingClient, keys: &Keys) -> Result<Vec<LoadedHold>, String> {
+fn load_holds(client: &mut BlockingClient, keys: &Keys) -> Result<Vec<scripts::StoredHold>, String> {
     let sha = scripts::sha1_hex(scripts::HOLDS);
     let count = super::HOLDS_CHUNK.to_string();
     let mut cursor = "0".to_string();
@@ -217,7 +215,7 @@ fn expire_overdue(
     client: &mut BlockingClient,
     keys: &Keys,
     replica: &mut Store,
-    holds: &mut Vec<LoadedHold>,
+    holds: &mut Vec<scripts::StoredHold>,
 ) -> Result<usize, String> {
     let now_ms = crate::engine::wall_ms();
     let sha = scripts::sha1_hex(scripts::EXPIRE_HOLD);

@@ -1452,7 +1452,7 @@ impl RedisEngine {
 pub struct HoldsChunk {
     pub seq: u64,
     pub cursor: String,
-    pub holds: Vec<(String, u64, Vec<(String, u64)>)>,
+    pub holds: Vec<scripts::StoredHold>,
 }
 
 impl HoldsChunk {

@@ -543,6 +543,10 @@ fn parse_lines<'a>(
     (!lines.is_empty()).then_some(lines)
 }
 
+/// A live hold as read from Redis: id, deadline (Redis wall ms), lines (SKU, units) in
+/// first-taken order.
+pub type StoredHold = (String, u64, Vec<(String, u64)>);
+
 /// A hold as stored in the holds hash: `"deadline sku units sku units"`.
 pub fn parse_packed_hold(packed: &str) -> Option<(u64, Vec<(String, u64)>)> {
     let mut words = packed.split(' ');
