@@ -209,6 +209,10 @@ fn holds_outlive_their_process_and_a_deadline_passed_while_down_is_released_at_s
     assert_eq!(q(&state(&mut ws, "a")), (9, 10, 1, 4));
     let err = hold_msg(&mut ws, "commit", "lapsed");
     assert_eq!(err["code"], "hold_expired", "{err}");
+    // A process started later still knows it expired (the expired index in Redis).
+    let late = Server::start_redis(&redis.url(), &[]);
+    let err = hold_msg(&mut late.writer(), "get", "lapsed");
+    assert_eq!(err["code"], "hold_expired", "{err}");
     let got = hold_msg(&mut ws, "get", "alive");
     assert_eq!(got["hold"]["lines"], json!([{"id":"a","units":1}]), "{got}");
     let ack = hold_msg(&mut ws, "commit", "alive");

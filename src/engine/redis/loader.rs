@@ -27,6 +27,8 @@ pub struct Loaded {
     pub epoch: String,
     /// Every live hold: id, deadline (Redis ms), lines.
     pub holds: Vec<scripts::StoredHold>,
+    /// Holds expired within the last hour (id, expiry ms), as far as the index still has them.
+    pub markers: Vec<(String, u64)>,
 }
 
 /// A blocking RESP client for start-up.
@@ -152,8 +154,20 @@ pub fn load(
                 .map_err(|e| format!("SKU `{name}` in Redis: {e}"))?;
         }
         if !chunk.more {
-            let mut holds = load_holds(&mut client, keys)?;
+            let mut holds: Vec<scripts::StoredHold> = scan(
+                &mut client,
+                keys,
+                &keys.holds,
+                "hash",
+                scripts::parse_packed_hold,
+            )?
+            .into_iter()
+            .map(|(id, (deadline_ms, lines))| (id, deadline_ms, lines))
+            .collect();
             let expired = expire_overdue(&mut client, keys, &mut replica, &mut holds)?;
+            let markers = scan(&mut client, keys, &keys.expired_index, "zset", |at| {
+                at.parse().ok()
+            })?;
             info!(
                 "loaded {} SKUs and {} holds from Redis at {url} in {} ms (through change {}); \
                  {expired} holds past their deadline expired",
@@ -167,42 +181,50 @@ pub fn load(
                 applied_seq: chunk.seq,
                 epoch: chunk.epoch,
                 holds,
+                markers,
             });
         }
         from = chunk.through;
     }
 }
 
-/// Every live hold, in HSCAN chunks.
-fn load_holds(client: &mut BlockingClient, keys: &Keys) -> Result<Vec<scripts::StoredHold>, String> {
+/// Every entry of the holds hash or the expired index, in scan chunks.
+fn scan<T>(
+    client: &mut BlockingClient,
+    keys: &Keys,
+    key: &str,
+    kind: &str,
+    value: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<(String, T)>, String> {
     let sha = scripts::sha1_hex(scripts::HOLDS);
     let count = super::HOLDS_CHUNK.to_string();
     let mut cursor = "0".to_string();
-    let mut holds = Vec::new();
-    // HSCAN may return a hold twice; the last copy wins.
+    let mut entries: Vec<(String, T)> = Vec::new();
+    // A scan may return an entry twice; the last copy wins.
     let mut seen = std::collections::HashMap::new();
     loop {
         let reply = client.call(&[
             "EVALSHA",
             sha.as_str(),
             "2",
-            keys.holds.as_str(),
+            key,
             keys.seq.as_str(),
             cursor.as_str(),
             count.as_str(),
+            kind,
         ])?;
-        let chunk = super::HoldsChunk::parse(&reply)?;
-        for hold in chunk.holds {
-            match seen.get(&hold.0) {
-                Some(&at) => holds[at] = hold,
+        let chunk = super::HoldsChunk::parse(&reply, &value)?;
+        for entry in chunk.entries {
+            match seen.get(&entry.0) {
+                Some(&at) => entries[at] = entry,
                 None => {
-                    seen.insert(hold.0.clone(), holds.len());
-                    holds.push(hold);
+                    seen.insert(entry.0.clone(), entries.len());
+                    entries.push(entry);
                 }
             }
         }
         if chunk.cursor == "0" {
-            return Ok(holds);
+            return Ok(entries);
         }
         cursor = chunk.cursor;
     }
@@ -231,7 +253,7 @@ fn expire_overdue(
         let reply = client.call(&[
             "EVALSHA",
             sha.as_str(),
-            "8",
+            "9",
             keys.stock.as_str(),
             keys.changed.as_str(),
             keys.seq.as_str(),
@@ -240,6 +262,7 @@ fn expire_overdue(
             keys.held.as_str(),
             keys.deadlines.as_str(),
             marker.as_str(),
+            keys.expired_index.as_str(),
             keys.channel.as_str(),
             "start",
             hold.0.as_str(),

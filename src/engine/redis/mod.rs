@@ -273,7 +273,7 @@ impl RedisEngine {
     pub fn start(config: RedisConfig) -> Result<RedisEngine, String> {
         let addr = config.url.resolve()?;
         let keys = Keys::new(&config.prefix);
-        let (replica, applied_seq, epoch, catch_up_needed, loaded_holds) =
+        let (replica, applied_seq, epoch, catch_up_needed, loaded_holds, markers) =
             match loader::load(addr, &config.url, &keys, CATCH_UP_CHUNK_SKUS) {
                 Ok(loaded) => (
                     loaded.replica,
@@ -281,10 +281,11 @@ impl RedisEngine {
                     loaded.epoch,
                     false,
                     loaded.holds,
+                    loaded.markers,
                 ),
                 Err(e) if e.starts_with(loader::CONNECT_FAILED) => {
                     warn!("starting without the inventory ({e}); it loads once Redis answers");
-                    (Store::new(), 0, String::new(), true, Vec::new())
+                    (Store::new(), 0, String::new(), true, Vec::new(), Vec::new())
                 }
                 Err(e) => return Err(e),
             };
@@ -341,6 +342,12 @@ impl RedisEngine {
         };
         for (hold, deadline_ms, lines) in loaded_holds {
             engine.set_hold(&hold, Some((deadline_ms, &lines)));
+        }
+        let now = wall_ms();
+        for (hold, at_ms) in markers {
+            if at_ms.saturating_add(EXPIRED_MARKER_MS) > now {
+                engine.holds.set(&hold, HoldState::Expired { at_ms });
+            }
         }
         Ok(engine)
     }
@@ -731,7 +738,7 @@ impl RedisEngine {
             link.command(&[
                 "EVALSHA",
                 self.expire_sha.as_str(),
-                "8",
+                "9",
                 self.keys.stock.as_str(),
                 self.keys.changed.as_str(),
                 self.keys.seq.as_str(),
@@ -740,6 +747,7 @@ impl RedisEngine {
                 self.keys.held.as_str(),
                 self.keys.deadlines.as_str(),
                 marker.as_str(),
+                self.keys.expired_index.as_str(),
                 self.keys.channel.as_str(),
                 origin.as_str(),
                 &hold,
@@ -795,10 +803,14 @@ impl RedisEngine {
                 self.offer(seq, states, change.holds, None, false);
             }
             Some("gone") => {
-                // Still live here although Redis has every change up to `seq` applied: a
-                // hold the mirror kept by mistake (a reload raced with its end).
-                if int(1).is_some_and(|seq| seq <= self.applied_seq) {
-                    self.set_hold(&hold, None);
+                // Still live here although every change up to `seq` is applied: a hold the
+                // mirror kept by mistake (a reload raced with its end). Its deadline passed,
+                // so it most likely expired. (Usually the other process's expiry is already
+                // applied here, and the hold is marked expired: left as is.)
+                let ghost = matches!(self.holds.state(&hold, 0), HoldState::Live { .. });
+                if ghost && int(1).is_some_and(|seq| seq <= self.applied_seq) {
+                    self.holds
+                        .set(&hold, HoldState::Expired { at_ms: wall_ms() });
                 }
             }
             Some("later") => {
@@ -830,12 +842,13 @@ impl RedisEngine {
             self.keys.seq.as_str(),
             cursor.as_str(),
             count.as_str(),
+            "hash",
         ]);
         self.expects.push_back(Expect::Holds);
     }
 
     fn on_holds_chunk(&mut self, cx: &mut Ctx<'_>, value: Value) {
-        let chunk = match HoldsChunk::parse(&value) {
+        let chunk = match HoldsChunk::parse(&value, scripts::parse_packed_hold) {
             Ok(chunk) => chunk,
             Err(e) => {
                 self.cmd_down(cx, e);
@@ -845,7 +858,7 @@ impl RedisEngine {
         if self.reload_cursor.is_none() {
             return;
         }
-        for (hold, deadline_ms, lines) in chunk.holds {
+        for (hold, (deadline_ms, lines)) in chunk.entries {
             if self
                 .reload_guard
                 .get(hold.as_str())
@@ -864,15 +877,22 @@ impl RedisEngine {
         }
         self.reload_cursor = None;
         // Live here but neither in Redis nor set by a change since the reload began: ended
-        // while the feed was away.
-        let ghosts: Vec<Box<str>> = self
+        // while the feed was away. One whose deadline passed most likely expired, and is
+        // remembered so (`get` answers `hold_expired`; a commit is decided by Redis anyway).
+        let now = wall_ms();
+        let ghosts: Vec<(Box<str>, u64)> = self
             .holds
             .live()
             .filter(|(name, _, _)| !self.reload_guard.contains_key(*name))
-            .map(|(name, _, _)| name.into())
+            .map(|(name, _, deadline_ms)| (name.into(), deadline_ms))
             .collect();
-        for hold in ghosts {
-            self.holds.set(&hold, HoldState::Gone);
+        for (hold, deadline_ms) in ghosts {
+            let state = if deadline_ms <= now {
+                HoldState::Expired { at_ms: deadline_ms }
+            } else {
+                HoldState::Gone
+            };
+            self.holds.set(&hold, state);
         }
         self.maybe_drop_reload_guard();
     }
@@ -1448,15 +1468,16 @@ impl RedisEngine {
     }
 }
 
-/// One chunk of the hold mirror's reload ([`scripts::HOLDS`]).
-pub struct HoldsChunk {
+/// One chunk of a scan of holds or expired markers ([`scripts::HOLDS`]).
+pub struct HoldsChunk<T> {
     pub seq: u64,
     pub cursor: String,
-    pub holds: Vec<scripts::StoredHold>,
+    pub entries: Vec<(String, T)>,
 }
 
-impl HoldsChunk {
-    pub fn parse(reply: &Value) -> Result<HoldsChunk, String> {
+impl<T> HoldsChunk<T> {
+    /// `value` reads each entry's value (a packed hold, an expiry time).
+    pub fn parse(reply: &Value, value: impl Fn(&str) -> Option<T>) -> Result<Self, String> {
         let bad = || format!("unexpected holds reply from Redis: {reply:?}");
         let Value::Array(items) = reply else {
             return Err(bad());
@@ -1464,7 +1485,7 @@ impl HoldsChunk {
         let [seq, cursor, Value::Array(pairs)] = items.as_slice() else {
             return Err(bad());
         };
-        let mut holds = Vec::with_capacity(pairs.len() / 2);
+        let mut entries = Vec::with_capacity(pairs.len() / 2);
         for pair in pairs.chunks(2) {
             let [id, packed] = pair else {
                 return Err(bad());
@@ -1472,9 +1493,9 @@ impl HoldsChunk {
             let (Some(id), Some(packed)) = (id.as_str(), packed.as_str()) else {
                 return Err(bad());
             };
-            let (deadline_ms, lines) = scripts::parse_packed_hold(packed)
+            let parsed = value(packed)
                 .ok_or_else(|| format!("malformed hold `{id}` in Redis: {packed:?}"))?;
-            holds.push((id.to_string(), deadline_ms, lines));
+            entries.push((id.to_string(), parsed));
         }
         Ok(HoldsChunk {
             seq: seq
@@ -1482,7 +1503,7 @@ impl HoldsChunk {
                 .and_then(|n| u64::try_from(n).ok())
                 .ok_or_else(bad)?,
             cursor: cursor.as_str().ok_or_else(bad)?.to_string(),
-            holds,
+            entries,
         })
     }
 }

@@ -325,7 +325,7 @@ return {'ok', seq, payload, states}
 /// releases the units (one version per SKU), marks the hold expired for an hour and
 /// publishes the change; for the others the hold is gone (or its deadline moved later) and
 /// nothing happens. KEYS: stock, changed, seq, epoch, holds, held, deadlines, the hold's
-/// expired marker. ARGV: channel, origin, hold, marker ttl ms.
+/// expired marker, the expired index. ARGV: channel, origin, hold, marker ttl ms.
 ///
 /// Replies: `{"ok", seq, changes}`, `{"gone", seq}` (the current sequence: a process whose
 /// replica is at or past it and still knows the hold knows a ghost), or
@@ -335,6 +335,7 @@ pub const EXPIRE_HOLD: &str = concat!(
     r#"
 local stock, changed, seqkey, epochkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local holdskey, heldkey, deadlines, marker = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local expired_index = KEYS[9]
 local channel, origin, hold, marker_ms = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local packed = redis.call('HGET', holdskey, hold)
 if not packed then return {'gone', tonumber(redis.call('GET', seqkey) or '0')} end
@@ -350,6 +351,10 @@ end
 redis.call('HDEL', holdskey, hold)
 redis.call('ZREM', deadlines, hold)
 redis.call('SET', marker, fmt(now), 'PX', marker_ms)
+-- The index lets a starting process load the markers; entries past the hour go here, a few
+-- at a time, as later holds expire.
+redis.call('ZADD', expired_index, now, hold)
+redis.call('ZREMRANGEBYSCORE', expired_index, '-inf', '(' .. fmt(now - marker_ms))
 local epoch = redis.call('GET', epochkey) or ''
 local token = 'X|' .. hold .. '|' .. fmt(now) .. '|' .. fmt(deadline)
 local payload = epoch .. ' ' .. fmt(seq) .. ' ' .. origin .. ' ' .. token .. '\n' .. states
@@ -358,12 +363,16 @@ return {'ok', seq, payload}
 "#
 );
 
-/// Up to ARGV[2] live holds from HSCAN cursor ARGV[1], read atomically with the current
-/// sequence. KEYS: holds, seq. Reply: `{seq, next cursor, {id, packed, id, packed, ...}}`;
-/// cursor `"0"` ends the scan. HSCAN returns every hold present for the whole scan at least
-/// once, whatever changes meanwhile (a sorted-set range by index would skip some).
+/// Up to about ARGV[2] live holds (KEYS[1] the holds hash, ARGV[3] `"hash"`: HSCAN) or
+/// expired markers (KEYS[1] the expired index, ARGV[3] `"zset"`: ZSCAN, values are the expiry
+/// times) from cursor ARGV[1], read atomically with the current sequence (KEYS[2]). Reply:
+/// `{seq, next cursor, {id, value, id, value, ...}}`; cursor `"0"` ends the scan. A scan
+/// returns every entry present for its whole length at least once, whatever changes meanwhile
+/// (a range by index would skip some).
 pub const HOLDS: &str = r#"
-local reply = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', tonumber(ARGV[2]))
+local command = 'HSCAN'
+if ARGV[3] == 'zset' then command = 'ZSCAN' end
+local reply = redis.call(command, KEYS[1], ARGV[1], 'COUNT', tonumber(ARGV[2]))
 return {tonumber(redis.call('GET', KEYS[2]) or '0'), reply[1], reply[2]}
 "#;
 
@@ -424,6 +433,7 @@ pub struct Keys {
     pub held: String,
     pub deadlines: String,
     pub expired_prefix: String,
+    pub expired_index: String,
 }
 
 impl Keys {
@@ -440,6 +450,7 @@ impl Keys {
             held: format!("{tag}held"),
             deadlines: format!("{tag}deadlines"),
             expired_prefix: format!("{tag}expired:"),
+            expired_index: format!("{tag}expired"),
         }
     }
 }
