@@ -10,8 +10,13 @@
 //! - `P{inventory}:epoch`: a random id made when the inventory is first written; if it changes or
 //!   vanishes, Redis lost its data.
 //! - `P{inventory}:idem:KEY`: an applied idempotency key: `"fingerprint\nresults"`, with a TTL.
-//! - channel `P{inventory}:changes`: `"epoch seq origin\n"` then one `"sku on_hand reserved version\n"` per
-//!   SKU the change touched.
+//! - `P{inventory}:holds`: hash, hold id -> `"deadline_ms sku units sku units ..."`.
+//! - `P{inventory}:held`: hash, SKU id -> units of its `reserved` held by holds.
+//! - `P{inventory}:deadlines`: sorted set, hold id scored by its deadline (Redis clock, ms).
+//! - `P{inventory}:expired:ID`: the expiry time of hold ID, TTL one hour; `P{inventory}:expired`:
+//!   sorted set of the same, by expiry time, for loading.
+//! - channel `P{inventory}:changes`: `"epoch seq origin [hold tokens]\n"` then one `"sku on_hand
+//!   reserved version\n"` per SKU the change touched (hold tokens: [`parse_hold_token`]).
 //!
 //! SKU ids are `[A-Za-z0-9._:/-]` (PROTOCOL.md), so a space and a newline never occur in one
 //! and the line format needs no escaping.
