@@ -76,6 +76,9 @@ fn a_hold_taken_on_one_process_expires_once_and_every_process_broadcasts_it() {
     let mut holder = a.writer();
     set(&mut holder, "x", 10);
     set(&mut holder, "y", 10);
+    // B has both SKUs before its subscriber joins (else it might hear version 1 late).
+    let mut on_b = b.writer();
+    eventually(|| q(&state(&mut on_b, "y")), (10, 10, 0, 1));
     let mut watchers = [
         subscribed_client(&a, &["x", "y"]),
         subscribed_client(&b, &["x", "y"]),
@@ -219,4 +222,46 @@ fn holds_outlive_their_process_and_a_deadline_passed_while_down_is_released_at_s
     assert_eq!(q(&ack["stock"][0]), (9, 9, 0, 5), "{ack}");
     // Nothing is pushed to this connection: it did not take those holds.
     assert!(recv_within(&mut ws, Duration::from_millis(300)).is_none());
+}
+
+#[test]
+fn a_hold_whose_deadline_passes_while_redis_is_down_expires_once_redis_is_back() {
+    let mut redis = RedisServer::start_persistent();
+    let a = Server::start_redis(&redis.url(), &[]);
+    let b = Server::start_redis(&redis.url(), &[]);
+    let mut holder = a.writer();
+    set(&mut holder, "x", 10);
+    let mut on_b = b.writer();
+    eventually(|| q(&state(&mut on_b, "x")), (10, 10, 0, 1));
+    let mut watcher = subscribed_client(&b, &["x"]);
+    let ack = request(
+        &mut holder,
+        json!({"type":"stock_update","stock": hold_op("x", 5, "during-outage", 300)}),
+    );
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(next_version(&mut watcher, 2), (5, 10, 5, 2));
+    redis.kill();
+    std::thread::sleep(Duration::from_millis(800));
+    redis.restart();
+    // Expired by whichever process reconnects first; pushed to the holder; seen on B once.
+    let pushed = recv_kind(&mut holder, "hold_expired");
+    assert_eq!(q(&pushed["stock"][0]), (10, 10, 0, 3), "{pushed}");
+    assert_eq!(next_version(&mut watcher, 3), (10, 10, 0, 3));
+    assert!(recv_within(&mut watcher, Duration::from_millis(500)).is_none());
+    // Once B's link is back too (its reconnect backoff may still run).
+    eventually(
+        || hold_msg(&mut on_b, "commit", "during-outage")["code"].clone(),
+        json!("hold_expired"),
+    );
+}
+
+/// The first `stock_update` at `version` or later (a subscriber may first hear an older
+/// version its process learned late).
+fn next_version(ws: &mut Ws, version: u64) -> (u64, u64, u64, u64) {
+    loop {
+        let got = q(&recv_kind(ws, "stock_update")["stock"]);
+        if got.3 >= version {
+            return got;
+        }
+    }
 }

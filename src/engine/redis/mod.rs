@@ -17,6 +17,12 @@
 //!   the replica. Links come back with exponential backoff and full jitter.
 //! - An epoch key, made once per inventory, shows when Redis lost its data: the process then
 //!   refuses writes and says so in `/healthz`, `/metrics` and the log.
+//! - Holds (PROTOCOL.md "Holds") are decided in Redis too ([`scripts::WRITE`],
+//!   [`scripts::HOLD`]). Every process mirrors them ([`Holds`], for `get` and its timers) from
+//!   its replies, the feed's hold tokens, and Redis at start and after each catch-up. When a
+//!   deadline passes, the process runs [`scripts::EXPIRE_HOLD`]; whichever process runs it
+//!   first releases the hold, and every process reports that one change from the feed as
+//!   [`Progress::HoldExpired`]. Design: docs/SCALING.md "Holds across processes".
 
 pub mod link;
 pub mod loader;
@@ -254,6 +260,9 @@ pub struct RedisEngine {
     /// after a newer chunk does not undo it.
     reload_guard: HashMap<Box<str>, u64>,
     reload_through: u64,
+    /// A catch-up finished while a reload's chunk was in flight: the reload starts over once
+    /// it comes back (never two scans at once).
+    reload_again: bool,
 }
 
 #[derive(Default)]
@@ -339,6 +348,7 @@ impl RedisEngine {
             reload_cursor: None,
             reload_guard: HashMap::new(),
             reload_through: 0,
+            reload_again: false,
         };
         for (hold, deadline_ms, lines) in loaded_holds {
             engine.set_hold(&hold, Some((deadline_ms, &lines)));
@@ -480,6 +490,7 @@ impl RedisEngine {
         self.catch_up_in_flight = false;
         self.probe_in_flight = false;
         self.reload_cursor = None;
+        self.reload_again = false;
         for expect in std::mem::take(&mut self.expects) {
             if let Expect::Expire(hold) = &expect {
                 // Tried again once a link is back (the script is idempotent).
@@ -592,15 +603,18 @@ impl RedisEngine {
             {
                 self.holds_taken_total += 1;
             }
+            let applied = self.apply_hold_event(seq, event);
             if let HoldEvent::Expired {
                 hold,
                 at_ms,
                 deadline_ms,
             } = event
             {
-                expired = Some((hold.clone(), at_ms.saturating_sub(*deadline_ms)));
+                // Not if a reload already reported it (see `ghost_expired`).
+                if applied {
+                    expired = Some((hold.clone(), at_ms.saturating_sub(*deadline_ms)));
+                }
             }
-            self.apply_hold_event(seq, event);
         }
         match (buffered.write, expired) {
             (Some(answer), _) => {
@@ -640,11 +654,12 @@ impl RedisEngine {
 
     // ---- the hold mirror ---------------------------------------------------------------
 
-    /// A hold event of the change at `seq`, unless a newer reload chunk already set the hold.
-    fn apply_hold_event(&mut self, seq: u64, event: &HoldEvent) {
+    /// A hold event of the change at `seq`, unless a newer reload chunk already set the hold
+    /// (then it returns false).
+    fn apply_hold_event(&mut self, seq: u64, event: &HoldEvent) -> bool {
         let hold = event.hold();
         if self.reload_guard.get(hold).is_some_and(|&at| at >= seq) {
-            return;
+            return false;
         }
         if self.reload_cursor.is_some() {
             self.reload_guard.insert(hold.into(), seq);
@@ -658,6 +673,34 @@ impl RedisEngine {
                 self.holds.set(hold, HoldState::Expired { at_ms: *at_ms });
             }
         }
+        true
+    }
+
+    /// A hold live in the mirror but gone from Redis, its deadline passed: the change that
+    /// ended it reached this process only as states (a catch-up after the feed lost it), so
+    /// it most likely expired. It is remembered as expired (`get` answers `hold_expired`; a
+    /// commit is decided by Redis anyway) and reported, so its holder hears `hold_expired`
+    /// (the states are the replica's; the service never broadcasts a version twice).
+    fn ghost_expired(&mut self, hold: &str, deadline_ms: u64, through_seq: u64) {
+        let lines: Vec<SkuId> = match self.holds.state(hold, 0) {
+            HoldState::Live { lines, .. } => lines.iter().map(|&(sku, _)| sku).collect(),
+            _ => return,
+        };
+        let now = wall_ms();
+        self.holds.set(hold, HoldState::Expired { at_ms: now });
+        // A change about it still on its way (older than what Redis showed) is skipped.
+        self.reload_guard.insert(hold.into(), through_seq);
+        self.reload_through = self.reload_through.max(through_seq);
+        let changed = lines
+            .into_iter()
+            .map(|sku| (sku, self.replica.get(sku)))
+            .collect();
+        self.flush_remote();
+        self.events.push(Progress::HoldExpired {
+            hold: hold.to_string(),
+            changed,
+            lag_ms: now.saturating_sub(deadline_ms),
+        });
     }
 
     /// Sets a hold live with its lines and deadline (arming its timer), or gone.
@@ -767,7 +810,14 @@ impl RedisEngine {
         let items = match value {
             Value::Array(items) => items,
             Value::Error(e) if e.starts_with("NOSCRIPT") => {
-                // Loaded again with the next link; tried again meanwhile.
+                // The script cache was flushed: load the scripts again on this link (the
+                // replies are only checked for errors), then try again.
+                if let Some(link) = self.cmd.as_mut() {
+                    for script in scripts::ALL {
+                        link.command(&["SCRIPT", "LOAD", script]);
+                        self.expects.push_back(Expect::Setup("SCRIPT LOAD"));
+                    }
+                }
                 retry(self, 0);
                 return;
             }
@@ -807,10 +857,12 @@ impl RedisEngine {
                 // mirror kept by mistake (a reload raced with its end). Its deadline passed,
                 // so it most likely expired. (Usually the other process's expiry is already
                 // applied here, and the hold is marked expired: left as is.)
-                let ghost = matches!(self.holds.state(&hold, 0), HoldState::Live { .. });
-                if ghost && int(1).is_some_and(|seq| seq <= self.applied_seq) {
-                    self.holds
-                        .set(&hold, HoldState::Expired { at_ms: wall_ms() });
+                if let (Some(seq), HoldState::Live { deadline_ms, .. }) =
+                    (int(1), self.holds.state(&hold, 0))
+                {
+                    if seq <= self.applied_seq {
+                        self.ghost_expired(&hold, deadline_ms, seq);
+                    }
                 }
             }
             Some("later") => {
@@ -824,6 +876,10 @@ impl RedisEngine {
     /// Starts reloading the hold mirror (after a catch-up: changes the feed lost may have
     /// taken, ended or extended holds).
     fn start_holds_reload(&mut self) {
+        if self.reload_cursor.is_some() {
+            self.reload_again = true;
+            return;
+        }
         self.reload_guard.clear();
         self.reload_cursor = Some("0".into());
         self.send_holds_chunk();
@@ -870,6 +926,11 @@ impl RedisEngine {
             self.set_hold(&hold, Some((deadline_ms, &lines)));
         }
         self.reload_through = self.reload_through.max(chunk.seq);
+        if std::mem::take(&mut self.reload_again) {
+            self.reload_cursor = Some("0".into());
+            self.send_holds_chunk();
+            return;
+        }
         if chunk.cursor != "0" {
             self.reload_cursor = Some(chunk.cursor);
             self.send_holds_chunk();
@@ -877,8 +938,7 @@ impl RedisEngine {
         }
         self.reload_cursor = None;
         // Live here but neither in Redis nor set by a change since the reload began: ended
-        // while the feed was away. One whose deadline passed most likely expired, and is
-        // remembered so (`get` answers `hold_expired`; a commit is decided by Redis anyway).
+        // while the feed was away (see `ghost_expired`).
         let now = wall_ms();
         let ghosts: Vec<(Box<str>, u64)> = self
             .holds
@@ -886,13 +946,13 @@ impl RedisEngine {
             .filter(|(name, _, _)| !self.reload_guard.contains_key(*name))
             .map(|(name, _, deadline_ms)| (name.into(), deadline_ms))
             .collect();
+        let through = self.reload_through;
         for (hold, deadline_ms) in ghosts {
-            let state = if deadline_ms <= now {
-                HoldState::Expired { at_ms: deadline_ms }
+            if deadline_ms <= now {
+                self.ghost_expired(&hold, deadline_ms, through);
             } else {
-                HoldState::Gone
-            };
-            self.holds.set(&hold, state);
+                self.holds.set(&hold, HoldState::Gone);
+            }
         }
         self.maybe_drop_reload_guard();
     }
