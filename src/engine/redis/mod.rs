@@ -1597,7 +1597,9 @@ impl Engine for RedisEngine {
     }
 
     fn forget(&mut self, sku: SkuId) {
-        if self.replica.get(sku).version == 0 {
+        // A hold learned before its SKU's state (a reload ahead of the replica) names a SKU
+        // still at version 0: the mirror keeps its id, so it stays.
+        if self.replica.get(sku).version == 0 && self.holds.held(sku) == 0 {
             self.replica.forget(sku);
         }
     }
@@ -1839,5 +1841,46 @@ impl Engine for RedisEngine {
             }
         }
         Some(wait_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_chunks_parse_and_refuse_garbage() {
+        let text = |t: &str| Value::Bulk(t.as_bytes().to_vec());
+        let reply = Value::Array(vec![
+            Value::Int(42),
+            text("17"),
+            Value::Array(vec![
+                text("h1"),
+                text("1700 a 2 b 1"),
+                text("h2"),
+                text("9 c 3"),
+            ]),
+        ]);
+        let chunk = HoldsChunk::parse(&reply, scripts::parse_packed_hold).unwrap();
+        assert_eq!((chunk.seq, chunk.cursor.as_str()), (42, "17"));
+        assert_eq!(chunk.entries.len(), 2);
+        assert_eq!(chunk.entries[1], ("h2".into(), (9, vec![("c".into(), 3)])));
+        let odd = Value::Array(vec![
+            Value::Int(1),
+            text("0"),
+            Value::Array(vec![text("h1")]),
+        ]);
+        assert!(HoldsChunk::parse(&odd, scripts::parse_packed_hold).is_err());
+        let bad = Value::Array(vec![
+            Value::Int(1),
+            text("0"),
+            Value::Array(vec![text("h1"), text("x a 1")]),
+        ]);
+        assert!(HoldsChunk::parse(&bad, scripts::parse_packed_hold).is_err());
+        assert_eq!(
+            HoldRefusal::parse("ttl_range", "5"),
+            Some(HoldRefusal::TtlRange(5))
+        );
+        assert_eq!(HoldRefusal::parse("nope", ""), None);
     }
 }
