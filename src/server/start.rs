@@ -40,6 +40,7 @@ fn open_engine(
             url: url.clone(),
             prefix: settings.redis_prefix.clone(),
             idempotency_ttl_secs: service_config.idempotency_ttl_secs,
+            hold_limits: service_config.hold_limits,
         })?;
         info!(
             "Redis engine ready: {} SKUs in the replica, prefix {}",

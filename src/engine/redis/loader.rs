@@ -28,6 +28,10 @@ pub struct Loaded {
     /// Every change up to this global sequence is in `replica`.
     pub applied_seq: u64,
     pub epoch: String,
+    /// Every live hold: id, deadline (Redis ms), lines.
+    pub holds: Vec<scripts::StoredHold>,
+    /// Holds expired within the last hour (id, expiry ms), as far as the index still has them.
+    pub markers: Vec<(String, u64)>,
 }
 
 /// A blocking RESP client for start-up.
@@ -134,7 +138,7 @@ pub fn load(
     let started = Instant::now();
     let mut client = BlockingClient::connect(addr, url)?;
     check_persistence(&mut client);
-    for script in [scripts::WRITE, scripts::CHANGES_SINCE] {
+    for script in scripts::ALL {
         if let Value::Error(e) = client.call(&["SCRIPT", "LOAD", script])? {
             return Err(format!("Redis refused SCRIPT LOAD: {e}"));
         }
@@ -218,9 +222,25 @@ pub fn load(
             }
         }
         if !chunk.more {
+            let mut holds: Vec<scripts::StoredHold> = scan(
+                &mut client,
+                keys,
+                &keys.holds,
+                "hash",
+                scripts::parse_packed_hold,
+            )?
+            .into_iter()
+            .map(|(id, (deadline_ms, lines))| (id, deadline_ms, lines))
+            .collect();
+            let expired = expire_overdue(&mut client, keys, &mut replica, &mut holds)?;
+            let markers = scan(&mut client, keys, &keys.expired_index, "zset", |at| {
+                at.parse().ok()
+            })?;
             info!(
-                "loaded {} SKUs from Redis at {url} in {} ms (through change {})",
+                "loaded {} SKUs and {} holds from Redis at {url} in {} ms (through change {}); \
+                 {expired} holds past their deadline expired",
                 replica.known_len(),
+                holds.len(),
                 started.elapsed().as_millis(),
                 chunk.seq
             );
@@ -228,8 +248,125 @@ pub fn load(
                 replica,
                 applied_seq: chunk.seq,
                 epoch: chunk.epoch,
+                holds,
+                markers,
             });
         }
         from = chunk.through;
     }
+}
+
+/// Every entry of the holds hash or the expired index, in scan chunks.
+fn scan<T>(
+    client: &mut BlockingClient,
+    keys: &Keys,
+    key: &str,
+    kind: &str,
+    value: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<(String, T)>, String> {
+    let sha = scripts::sha1_hex(scripts::HOLDS);
+    let count = super::HOLDS_CHUNK.to_string();
+    let mut cursor = "0".to_string();
+    let mut entries: Vec<(String, T)> = Vec::new();
+    // A scan may return an entry twice; the last copy wins.
+    let mut seen = std::collections::HashMap::new();
+    loop {
+        let reply = client.call(&[
+            "EVALSHA",
+            sha.as_str(),
+            "2",
+            key,
+            keys.seq.as_str(),
+            cursor.as_str(),
+            count.as_str(),
+            kind,
+        ])?;
+        let chunk = super::HoldsChunk::parse(&reply, &value)?;
+        for entry in chunk.entries {
+            match seen.get(&entry.0) {
+                Some(&at) => entries[at] = entry,
+                None => {
+                    seen.insert(entry.0.clone(), entries.len());
+                    entries.push(entry);
+                }
+            }
+        }
+        if chunk.cursor == "0" {
+            return Ok(entries);
+        }
+        cursor = chunk.cursor;
+    }
+}
+
+/// Expires every hold whose deadline passed while no process ran (PROTOCOL.md "Holds":
+/// released at start, before the port opens), applying each change to `replica`. Other
+/// processes, if any run, may race: the script is idempotent.
+fn expire_overdue(
+    client: &mut BlockingClient,
+    keys: &Keys,
+    replica: &mut Store,
+    holds: &mut Vec<scripts::StoredHold>,
+) -> Result<usize, String> {
+    let now_ms = crate::engine::wall_ms();
+    let sha = scripts::sha1_hex(scripts::EXPIRE_HOLD);
+    let marker_ms = crate::stock::holds::EXPIRED_MARKER_MS.to_string();
+    let mut expired = 0;
+    let mut kept = Vec::with_capacity(holds.len());
+    for hold in holds.drain(..) {
+        if hold.1 > now_ms {
+            kept.push(hold);
+            continue;
+        }
+        let marker = format!("{}{}", keys.expired_prefix, hold.0);
+        let reply = client.call(&[
+            "EVALSHA",
+            sha.as_str(),
+            "9",
+            keys.stock.as_str(),
+            keys.changed.as_str(),
+            keys.seq.as_str(),
+            keys.epoch.as_str(),
+            keys.holds.as_str(),
+            keys.held.as_str(),
+            keys.deadlines.as_str(),
+            marker.as_str(),
+            keys.expired_index.as_str(),
+            keys.channel.as_str(),
+            "start",
+            hold.0.as_str(),
+            marker_ms.as_str(),
+        ])?;
+        let Value::Array(items) = &reply else {
+            return Err(format!(
+                "Redis refused to expire hold `{}`: {reply:?}",
+                hold.0
+            ));
+        };
+        match items.first().and_then(Value::as_str) {
+            Some("ok") => {
+                let change = items
+                    .get(2)
+                    .and_then(Value::as_str)
+                    .and_then(scripts::parse_change)
+                    .ok_or_else(|| format!("malformed expiry reply {reply:?}"))?;
+                for (name, stock) in change.states {
+                    let id = replica
+                        .intern(name)
+                        .map_err(|e| format!("SKU `{name}` in Redis: {e}"))?;
+                    if stock.version > replica.get(id).version {
+                        replica
+                            .restore(name, stock)
+                            .map_err(|e| format!("SKU `{name}` in Redis: {e}"))?;
+                    }
+                }
+                expired += 1;
+            }
+            // Expired by another process meanwhile: the catch-up after start brings it.
+            Some("gone") => {}
+            // Its deadline is not past by Redis's clock yet: the timers take it.
+            _ => kept.push(hold),
+        }
+    }
+    *holds = kept;
+    Ok(expired)
 }

@@ -17,6 +17,12 @@
 //!   the replica. Links come back with exponential backoff and full jitter.
 //! - An epoch key, made once per inventory, shows when Redis lost its data: the process then
 //!   refuses writes and says so in `/healthz`, `/metrics` and the log.
+//! - Holds (PROTOCOL.md "Holds") are decided in Redis too ([`scripts::WRITE`],
+//!   [`scripts::HOLD`]). Every process mirrors them ([`Holds`], for `get` and its timers) from
+//!   its replies, the feed's hold tokens, and Redis at start and after each catch-up. When a
+//!   deadline passes, the process runs [`scripts::EXPIRE_HOLD`]; whichever process runs it
+//!   first releases the hold, and every process reports that one change from the feed as
+//!   [`Progress::HoldExpired`]. Design: docs/SCALING.md "Holds across processes".
 
 pub mod link;
 pub mod loader;
@@ -24,20 +30,23 @@ pub mod resp;
 pub mod scripts;
 pub mod url;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
 
-use super::{Engine, EngineStatus, Outcome, Progress, Submitted};
+use super::{wall_ms, Engine, EngineStatus, HoldStats, HoldView, Outcome, Progress, Submitted};
+use crate::api::messages::HoldAction;
 use crate::api::{ApiError, ErrorCode, WriteRequest};
 use crate::net::{Ctx, OutboundId};
 use crate::server::metrics::{single, Histogram};
-use crate::stock::{Op, OpError, SkuId, Stock, Store};
+use crate::stock::holds::{HoldLimits, HoldState, Holds, EXPIRED_MARKER_MS, TTL_MS_MAX};
+use crate::stock::{HoldError, Op, OpError, SkuId, Stock, Store};
 use link::Link;
 use resp::Value;
-use scripts::Keys;
+use scripts::{HoldEvent, HoldRefusal, Keys};
 use url::RedisUrl;
 
 /// A write whose reply has not come after this long fails its link (PROTOCOL.md: writes are
@@ -63,6 +72,18 @@ pub const REORDER_CHANGES_MAX: usize = 100_000;
 /// (`unavailable`) until replies come back.
 pub const WRITES_IN_FLIGHT_MAX: usize = 100_000;
 
+/// Hold expiries sent to Redis and not yet answered, at most (the rest wait their turn: one
+/// second with 10,000 deadlines is still a few round trips of pipelined scripts).
+pub const EXPIRIES_IN_FLIGHT_MAX: usize = 1_024;
+/// How long before a hold is tried again after Redis said its deadline had not passed yet
+/// (clocks of the process and of Redis differ a little) or the link broke.
+pub const EXPIRY_RETRY_MS: u64 = 100;
+/// Holds read per round trip when the hold mirror is loaded or reloaded (HSCAN COUNT).
+pub const HOLDS_CHUNK: usize = 10_000;
+/// Stale timer entries (left by extends and ended holds) tolerated beyond the live holds
+/// before the timer heap is rebuilt from the mirror: the heap stays O(live holds).
+const TIMER_SLACK_ENTRIES: usize = 1_024;
+
 const _: () = assert!(WRITE_TIMEOUT_MS < 1_000);
 const _: () = assert!(2 * PROBE_INTERVAL_MS + GAP_WAIT_MS < 2_000);
 
@@ -72,6 +93,7 @@ pub struct RedisConfig {
     pub url: RedisUrl,
     pub prefix: String,
     pub idempotency_ttl_secs: u64,
+    pub hold_limits: HoldLimits,
 }
 
 /// One chunk of a catch-up reply ([`scripts::CHANGES_SINCE`]).
@@ -121,6 +143,17 @@ enum Expect {
     Write(Box<SentWrite>),
     CatchUp,
     Probe,
+    /// An EXPIRE_HOLD of this hold.
+    Expire(Box<str>),
+    /// A chunk of the hold mirror's reload.
+    Holds,
+}
+
+/// Which script a write runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Script {
+    Write,
+    Hold,
 }
 
 struct SentWrite {
@@ -131,17 +164,30 @@ struct SentWrite {
     sent_ms: u64,
     /// The EVAL arguments after the script, to send again after NOSCRIPT.
     args: Vec<String>,
+    script: Script,
+    /// The hold each op names (a hold command: its hold, at index 0), to name it in errors.
+    holds: Vec<Option<String>>,
+    /// An extend: its reply shows the hold.
+    view_of: Option<String>,
+}
+
+/// Our own write that made a buffered change: resolved once the change is applied.
+struct Answer {
+    ticket: u64,
+    results: String,
+    view_of: Option<String>,
 }
 
 /// A change waiting in sequence order.
 #[derive(Default)]
 struct Buffered {
     changes: Vec<(String, Stock)>,
+    holds: Vec<HoldEvent>,
     /// Made by this process and seen on the feed before its reply: it waits for the reply, so
     /// its writer hears the ack before anyone hears the change.
     awaits_reply: bool,
-    /// Our own write that made it: ticket and result lines, resolved once applied.
-    write: Option<(u64, String)>,
+    /// Our own write that made it, resolved once applied.
+    write: Option<Answer>,
     since_ms: u64,
 }
 
@@ -195,6 +241,28 @@ pub struct RedisEngine {
     last_error: Option<String>,
     stats: RedisStats,
     scratch: Vec<Value>,
+    hold_sha: String,
+    expire_sha: String,
+    holds_sha: String,
+    /// Every live hold and the expired markers this process saw, mirrored from Redis (for
+    /// `get` and for the expiry timers; Redis decides everything).
+    holds: Holds,
+    /// Deadlines to wake at (wall ms), earliest first; an entry whose hold is gone or was
+    /// extended is skipped when it comes up.
+    timers: BinaryHeap<Reverse<(u64, Box<str>)>>,
+    /// Holds whose EXPIRE_HOLD is in flight.
+    expiring: HashSet<Box<str>>,
+    holds_taken_total: u64,
+    /// The hold mirror's reload after a catch-up: the HSCAN cursor of the next chunk.
+    reload_cursor: Option<String>,
+    /// While a reload runs (and until the replica passes `reload_through`): the sequence at
+    /// which each hold was last set, by the reload or by a change, so an older change applied
+    /// after a newer chunk does not undo it.
+    reload_guard: HashMap<Box<str>, u64>,
+    reload_through: u64,
+    /// A catch-up finished while a reload's chunk was in flight: the reload starts over once
+    /// it comes back (never two scans at once).
+    reload_again: bool,
 }
 
 #[derive(Default)]
@@ -214,18 +282,26 @@ impl RedisEngine {
     pub fn start(config: RedisConfig) -> Result<RedisEngine, String> {
         let addr = config.url.resolve()?;
         let keys = Keys::new(&config.prefix);
-        let (replica, applied_seq, epoch, catch_up_needed) =
+        let (replica, applied_seq, epoch, catch_up_needed, loaded_holds, markers) =
             match loader::load(addr, &config.url, &keys, CATCH_UP_CHUNK_SKUS) {
-                Ok(loaded) => (loaded.replica, loaded.applied_seq, loaded.epoch, false),
+                Ok(loaded) => (
+                    loaded.replica,
+                    loaded.applied_seq,
+                    loaded.epoch,
+                    false,
+                    loaded.holds,
+                    loaded.markers,
+                ),
                 Err(e) if e.starts_with(loader::CONNECT_FAILED) => {
                     warn!("starting without the inventory ({e}); it loads once Redis answers");
-                    (Store::new(), 0, String::new(), true)
+                    (Store::new(), 0, String::new(), true, Vec::new(), Vec::new())
                 }
                 Err(e) => return Err(e),
             };
         let origin = crate::cli::random_token()
             .map_err(|e| format!("cannot make a process id for Redis: {e}"))?;
-        Ok(RedisEngine {
+        let holds = Holds::new(config.hold_limits);
+        let mut engine = RedisEngine {
             origin,
             config,
             addr,
@@ -262,7 +338,28 @@ impl RedisEngine {
             last_error: None,
             stats: RedisStats::default(),
             scratch: Vec::new(),
-        })
+            hold_sha: scripts::sha1_hex(scripts::HOLD),
+            expire_sha: scripts::sha1_hex(scripts::EXPIRE_HOLD),
+            holds_sha: scripts::sha1_hex(scripts::HOLDS),
+            holds,
+            timers: BinaryHeap::new(),
+            expiring: HashSet::new(),
+            holds_taken_total: 0,
+            reload_cursor: None,
+            reload_guard: HashMap::new(),
+            reload_through: 0,
+            reload_again: false,
+        };
+        for (hold, deadline_ms, lines) in loaded_holds {
+            engine.set_hold(&hold, Some((deadline_ms, &lines)));
+        }
+        let now = wall_ms();
+        for (hold, at_ms) in markers {
+            if at_ms.saturating_add(EXPIRED_MARKER_MS) > now {
+                engine.holds.set(&hold, HoldState::Expired { at_ms });
+            }
+        }
+        Ok(engine)
     }
 
     fn backoff_ms(&mut self) -> u64 {
@@ -331,7 +428,7 @@ impl RedisEngine {
             link.command(&command);
             self.expects.push_back(Expect::Setup("AUTH/SELECT"));
         }
-        for script in [scripts::WRITE, scripts::CHANGES_SINCE] {
+        for script in scripts::ALL {
             link.command(&["SCRIPT", "LOAD", script]);
             self.expects.push_back(Expect::Setup("SCRIPT LOAD"));
         }
@@ -392,7 +489,15 @@ impl RedisEngine {
         self.cmd_state = LinkState::Down { retry_at_ms };
         self.catch_up_in_flight = false;
         self.probe_in_flight = false;
+        self.reload_cursor = None;
+        self.reload_again = false;
         for expect in std::mem::take(&mut self.expects) {
+            if let Expect::Expire(hold) = &expect {
+                // Tried again once a link is back (the script is idempotent).
+                self.expiring.remove(hold);
+                let at = wall_ms() + EXPIRY_RETRY_MS;
+                self.timers.push(Reverse((at, hold.clone())));
+            }
             if let Expect::Write(write) = expect {
                 let error = ApiError::new(
                     ErrorCode::Unavailable,
@@ -484,31 +589,378 @@ impl RedisEngine {
         changed
     }
 
-    /// Applies a buffered change that is next in sequence (or forced): to the replica, then
-    /// to its writer or to the subscribers.
-    fn apply_buffered(&mut self, buffered: Buffered) {
+    /// Applies a buffered change that is next in sequence (or forced): to the replica and
+    /// the hold mirror, then to its writer or to the subscribers (an expiry as
+    /// [`Progress::HoldExpired`], which every process reports: the one whose connection took
+    /// the hold pushes `hold_expired`, all broadcast the units freed).
+    fn apply_buffered(&mut self, seq: u64, buffered: Buffered) {
         let changed = self.apply_states(&buffered.changes);
-        match buffered.write {
-            Some((ticket, results)) => {
-                let outcome = self.applied_outcome(&results, changed);
-                self.resolve(ticket, outcome);
+        let mut expired = None;
+        for event in &buffered.holds {
+            if buffered.write.is_some()
+                && matches!(event, HoldEvent::Live { .. })
+                && !matches!(self.holds.state(event.hold(), 0), HoldState::Live { .. })
+            {
+                self.holds_taken_total += 1;
             }
-            None => self.remote.extend(changed),
+            let applied = self.apply_hold_event(seq, event);
+            if let HoldEvent::Expired {
+                hold,
+                at_ms,
+                deadline_ms,
+            } = event
+            {
+                // Not if a reload already reported it (see `ghost_expired`).
+                if applied {
+                    expired = Some((hold.clone(), at_ms.saturating_sub(*deadline_ms)));
+                }
+            }
+        }
+        match (buffered.write, expired) {
+            (Some(answer), _) => {
+                let outcome = self.applied_outcome(&answer, changed);
+                self.resolve(answer.ticket, outcome);
+            }
+            (None, Some((hold, lag_ms))) => {
+                self.flush_remote();
+                self.events.push(Progress::HoldExpired {
+                    hold,
+                    changed,
+                    lag_ms,
+                });
+            }
+            (None, None) => self.remote.extend(changed),
         }
     }
 
-    fn applied_outcome(&mut self, results: &str, changed: Vec<(SkuId, Stock)>) -> Outcome {
+    fn applied_outcome(&mut self, answer: &Answer, changed: Vec<(SkuId, Stock)>) -> Outcome {
         let mut states = Vec::new();
-        for (name, stock) in scripts::parse_states(results).unwrap_or_default() {
+        for (name, stock) in scripts::parse_states(&answer.results).unwrap_or_default() {
             if let Ok(sku) = self.replica.intern(name) {
                 states.push((sku, stock));
             }
         }
+        let view = answer
+            .view_of
+            .as_deref()
+            .and_then(|hold| self.view(hold, wall_ms()).ok());
         Outcome::Applied {
             results: states,
             changed,
             duplicate: false,
-            view: None,
+            view,
+        }
+    }
+
+    // ---- the hold mirror ---------------------------------------------------------------
+
+    /// A hold event of the change at `seq`, unless a newer reload chunk already set the hold
+    /// (then it returns false).
+    fn apply_hold_event(&mut self, seq: u64, event: &HoldEvent) -> bool {
+        let hold = event.hold();
+        if self.reload_guard.get(hold).is_some_and(|&at| at >= seq) {
+            return false;
+        }
+        if self.reload_cursor.is_some() {
+            self.reload_guard.insert(hold.into(), seq);
+        }
+        match event {
+            HoldEvent::Live {
+                deadline_ms, lines, ..
+            } => self.set_hold(hold, Some((*deadline_ms, lines))),
+            HoldEvent::Gone { .. } => self.set_hold(hold, None),
+            HoldEvent::Expired { at_ms, .. } => {
+                self.holds.set(hold, HoldState::Expired { at_ms: *at_ms });
+            }
+        }
+        true
+    }
+
+    /// A hold live in the mirror but gone from Redis, its deadline passed: the change that
+    /// ended it reached this process only as states (a catch-up after the feed lost it), so
+    /// it most likely expired. It is remembered as expired (`get` answers `hold_expired`; a
+    /// commit is decided by Redis anyway) and reported, so its holder hears `hold_expired`
+    /// (the states are the replica's; the service never broadcasts a version twice).
+    fn ghost_expired(&mut self, hold: &str, deadline_ms: u64, through_seq: u64) {
+        let lines: Vec<SkuId> = match self.holds.state(hold, 0) {
+            HoldState::Live { lines, .. } => lines.iter().map(|&(sku, _)| sku).collect(),
+            _ => return,
+        };
+        let now = wall_ms();
+        self.holds.set(hold, HoldState::Expired { at_ms: now });
+        // A change about it still on its way (older than what Redis showed) is skipped.
+        self.reload_guard.insert(hold.into(), through_seq);
+        self.reload_through = self.reload_through.max(through_seq);
+        let changed = lines
+            .into_iter()
+            .map(|sku| (sku, self.replica.get(sku)))
+            .collect();
+        self.flush_remote();
+        self.events.push(Progress::HoldExpired {
+            hold: hold.to_string(),
+            changed,
+            lag_ms: now.saturating_sub(deadline_ms),
+        });
+    }
+
+    /// Sets a hold live with its lines and deadline (arming its timer), or gone.
+    fn set_hold(&mut self, hold: &str, live: Option<(u64, &[(String, u64)])>) {
+        let Some((deadline_ms, lines)) = live else {
+            self.holds.set(hold, HoldState::Gone);
+            return;
+        };
+        let mut interned = Vec::with_capacity(lines.len());
+        for (name, units) in lines {
+            match self.replica.intern(name) {
+                Ok(sku) => interned.push((sku, *units)),
+                Err(e) => warn!("ignoring hold `{hold}` line `{name}` from Redis: {e}"),
+            }
+        }
+        if interned.is_empty() {
+            self.holds.set(hold, HoldState::Gone);
+            return;
+        }
+        self.holds.set(
+            hold,
+            HoldState::Live {
+                lines: interned,
+                deadline_ms,
+            },
+        );
+        self.timers.push(Reverse((deadline_ms, hold.into())));
+        if self.timers.len() > 2 * self.holds.live_len() + TIMER_SLACK_ENTRIES {
+            self.timers = self
+                .holds
+                .live()
+                .map(|(name, _, deadline_ms)| Reverse((deadline_ms, name.into())))
+                .collect();
+        }
+    }
+
+    fn view(&self, hold: &str, now_ms: u64) -> Result<HoldView, ApiError> {
+        let (lines, deadline_ms) = self
+            .holds
+            .check_live(hold, now_ms)
+            .map_err(|e| ApiError::from_hold(&e, hold))?;
+        Ok(HoldView {
+            hold: hold.to_string(),
+            expires_in_ms: deadline_ms.saturating_sub(now_ms),
+            lines: lines.to_vec(),
+        })
+    }
+
+    /// Sends EXPIRE_HOLD for every mirrored hold whose deadline passed (whichever process
+    /// runs it first releases the hold; for the others it is a no-op).
+    fn fire_expiries(&mut self) {
+        if self.cmd_state != LinkState::Up || self.refusing().is_some() {
+            return;
+        }
+        let now = wall_ms();
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now || self.expiring.len() >= EXPIRIES_IN_FLIGHT_MAX {
+                break;
+            }
+            let Some(Reverse((_, hold))) = self.timers.pop() else {
+                break;
+            };
+            let due = matches!(
+                self.holds.state(&hold, now),
+                HoldState::Live { deadline_ms, .. } if deadline_ms <= now
+            );
+            if !due || self.expiring.contains(&hold) {
+                continue;
+            }
+            let Some(link) = self.cmd.as_mut() else {
+                break;
+            };
+            let marker = format!("{}{hold}", self.keys.expired_prefix);
+            let marker_ms = EXPIRED_MARKER_MS.to_string();
+            // Another origin than our writes': nobody waits for this reply, so the change is
+            // applied from whichever of the feed and the reply comes first.
+            let origin = format!("{}-expiry", self.origin);
+            link.command(&[
+                "EVALSHA",
+                self.expire_sha.as_str(),
+                "9",
+                self.keys.stock.as_str(),
+                self.keys.changed.as_str(),
+                self.keys.seq.as_str(),
+                self.keys.epoch.as_str(),
+                self.keys.holds.as_str(),
+                self.keys.held.as_str(),
+                self.keys.deadlines.as_str(),
+                marker.as_str(),
+                self.keys.expired_index.as_str(),
+                self.keys.channel.as_str(),
+                origin.as_str(),
+                &hold,
+                marker_ms.as_str(),
+            ]);
+            self.expiring.insert(hold.clone());
+            self.expects.push_back(Expect::Expire(hold));
+        }
+    }
+
+    fn on_expire_reply(&mut self, cx: &mut Ctx<'_>, hold: Box<str>, value: Value) {
+        self.expiring.remove(&hold);
+        let retry = |engine: &mut Self, after_ms: u64| {
+            let at = wall_ms() + after_ms.max(EXPIRY_RETRY_MS);
+            engine.timers.push(Reverse((at, hold.clone())));
+        };
+        let items = match value {
+            Value::Array(items) => items,
+            Value::Error(e) if e.starts_with("NOSCRIPT") => {
+                // The script cache was flushed: load the scripts again on this link (the
+                // replies are only checked for errors), then try again.
+                if let Some(link) = self.cmd.as_mut() {
+                    for script in scripts::ALL {
+                        link.command(&["SCRIPT", "LOAD", script]);
+                        self.expects.push_back(Expect::Setup("SCRIPT LOAD"));
+                    }
+                }
+                retry(self, 0);
+                return;
+            }
+            Value::Error(e) => {
+                error!("Redis refused to expire hold `{hold}`: {e}");
+                retry(self, 1_000);
+                return;
+            }
+            other => {
+                self.cmd_down(cx, format!("unexpected expiry reply {other:?}"));
+                return;
+            }
+        };
+        let int = |i: usize| {
+            items
+                .get(i)
+                .and_then(Value::as_int)
+                .and_then(|n| u64::try_from(n).ok())
+        };
+        match items.first().and_then(Value::as_str) {
+            Some("ok") => {
+                let change = items
+                    .get(2)
+                    .and_then(Value::as_str)
+                    .and_then(scripts::parse_change);
+                let (Some(seq), Some(change)) = (int(1), change) else {
+                    self.cmd_down(cx, "malformed expiry reply".into());
+                    return;
+                };
+                let epoch = change.epoch.to_string();
+                self.check_epoch(&epoch);
+                let states = owned(change.states);
+                self.offer(seq, states, change.holds, None, false);
+            }
+            Some("gone") => {
+                // Still live here although every change up to `seq` is applied: a hold the
+                // mirror kept by mistake (a reload raced with its end). Its deadline passed,
+                // so it most likely expired. (Usually the other process's expiry is already
+                // applied here, and the hold is marked expired: left as is.)
+                if let (Some(seq), HoldState::Live { deadline_ms, .. }) =
+                    (int(1), self.holds.state(&hold, 0))
+                {
+                    if seq <= self.applied_seq {
+                        self.ghost_expired(&hold, deadline_ms, seq);
+                    }
+                }
+            }
+            Some("later") => {
+                let (deadline, now) = (int(1).unwrap_or(0), int(2).unwrap_or(0));
+                retry(self, deadline.saturating_sub(now));
+            }
+            _ => self.cmd_down(cx, "unexpected expiry reply".into()),
+        }
+    }
+
+    /// Starts reloading the hold mirror (after a catch-up: changes the feed lost may have
+    /// taken, ended or extended holds).
+    fn start_holds_reload(&mut self) {
+        if self.reload_cursor.is_some() {
+            self.reload_again = true;
+            return;
+        }
+        self.reload_guard.clear();
+        self.reload_cursor = Some("0".into());
+        self.send_holds_chunk();
+    }
+
+    fn send_holds_chunk(&mut self) {
+        let (Some(link), Some(cursor)) = (self.cmd.as_mut(), self.reload_cursor.as_ref()) else {
+            return;
+        };
+        let count = HOLDS_CHUNK.to_string();
+        link.command(&[
+            "EVALSHA",
+            self.holds_sha.as_str(),
+            "2",
+            self.keys.holds.as_str(),
+            self.keys.seq.as_str(),
+            cursor.as_str(),
+            count.as_str(),
+            "hash",
+        ]);
+        self.expects.push_back(Expect::Holds);
+    }
+
+    fn on_holds_chunk(&mut self, cx: &mut Ctx<'_>, value: Value) {
+        let chunk = match HoldsChunk::parse(&value, scripts::parse_packed_hold) {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                self.cmd_down(cx, e);
+                return;
+            }
+        };
+        if self.reload_cursor.is_none() {
+            return;
+        }
+        for (hold, (deadline_ms, lines)) in chunk.entries {
+            if self
+                .reload_guard
+                .get(hold.as_str())
+                .is_some_and(|&at| at > chunk.seq)
+            {
+                continue;
+            }
+            self.reload_guard.insert(hold.as_str().into(), chunk.seq);
+            self.set_hold(&hold, Some((deadline_ms, &lines)));
+        }
+        self.reload_through = self.reload_through.max(chunk.seq);
+        if std::mem::take(&mut self.reload_again) {
+            self.reload_cursor = Some("0".into());
+            self.send_holds_chunk();
+            return;
+        }
+        if chunk.cursor != "0" {
+            self.reload_cursor = Some(chunk.cursor);
+            self.send_holds_chunk();
+            return;
+        }
+        self.reload_cursor = None;
+        // Live here but neither in Redis nor set by a change since the reload began: ended
+        // while the feed was away (see `ghost_expired`).
+        let now = wall_ms();
+        let ghosts: Vec<(Box<str>, u64)> = self
+            .holds
+            .live()
+            .filter(|(name, _, _)| !self.reload_guard.contains_key(*name))
+            .map(|(name, _, deadline_ms)| (name.into(), deadline_ms))
+            .collect();
+        let through = self.reload_through;
+        for (hold, deadline_ms) in ghosts {
+            if deadline_ms <= now {
+                self.ghost_expired(&hold, deadline_ms, through);
+            } else {
+                self.holds.set(&hold, HoldState::Gone);
+            }
+        }
+        self.maybe_drop_reload_guard();
+    }
+
+    /// The guard is needed only until the replica has passed every reload chunk's sequence.
+    fn maybe_drop_reload_guard(&mut self) {
+        if self.reload_cursor.is_none() && self.applied_seq >= self.reload_through {
+            self.reload_guard = HashMap::new();
         }
     }
 
@@ -517,15 +969,16 @@ impl RedisEngine {
         &mut self,
         seq: u64,
         changes: Vec<(String, Stock)>,
-        write: Option<(u64, String)>,
+        holds: Vec<HoldEvent>,
+        write: Option<Answer>,
         from_feed_ours: bool,
     ) {
         if seq <= self.applied_seq {
-            // Already in the replica (the other path brought it first).
-            if let Some((ticket, results)) = write {
+            // Already in the replica (the other path brought it first, with its hold events).
+            if let Some(answer) = write {
                 let changed = self.apply_states(&changes);
-                let outcome = self.applied_outcome(&results, changed);
-                self.resolve(ticket, outcome);
+                let outcome = self.applied_outcome(&answer, changed);
+                self.resolve(answer.ticket, outcome);
             }
             return;
         }
@@ -534,8 +987,9 @@ impl RedisEngine {
             since_ms: now,
             ..Buffered::default()
         });
-        if entry.changes.is_empty() {
+        if entry.changes.is_empty() && entry.holds.is_empty() {
             entry.changes = changes;
+            entry.holds = holds;
         }
         if write.is_some() {
             entry.write = write;
@@ -567,14 +1021,15 @@ impl RedisEngine {
             self.stats
                 .feed_lag
                 .observe(Duration::from_millis(waited_ms));
-            self.apply_buffered(buffered);
+            self.apply_buffered(seq, buffered);
         }
+        self.maybe_drop_reload_guard();
     }
 
     /// Applies every buffered change now, whatever the gaps (per SKU, newer versions only).
     fn force_buffered(&mut self) {
-        for (_, buffered) in std::mem::take(&mut self.reorder) {
-            self.apply_buffered(buffered);
+        for (seq, buffered) in std::mem::take(&mut self.reorder) {
+            self.apply_buffered(seq, buffered);
         }
     }
 
@@ -628,6 +1083,8 @@ impl RedisEngine {
                 self.on_write_reply(cx, *write, value);
             }
             Expect::CatchUp => self.on_catch_up_reply(cx, value),
+            Expect::Expire(hold) => self.on_expire_reply(cx, hold, value),
+            Expect::Holds => self.on_holds_chunk(cx, value),
             Expect::Probe => {
                 self.probe_in_flight = false;
                 let seq = value
@@ -691,16 +1148,20 @@ impl RedisEngine {
                 let epoch = change.epoch.to_string();
                 self.check_epoch(&epoch);
                 let changes = owned(change.states);
-                self.offer(
-                    seq,
-                    changes,
-                    Some((write.ticket, results.to_string())),
-                    false,
-                );
+                let answer = Answer {
+                    ticket: write.ticket,
+                    results: results.to_string(),
+                    view_of: write.view_of.clone(),
+                };
+                self.offer(seq, changes, change.holds, Some(answer), false);
             }
             "dup" if items.len() == 2 => {
-                let results = items[1].as_str().unwrap_or("").to_string();
-                let mut outcome = self.applied_outcome(&results, Vec::new());
+                let answer = Answer {
+                    ticket: write.ticket,
+                    results: items[1].as_str().unwrap_or("").to_string(),
+                    view_of: write.view_of.clone(),
+                };
+                let mut outcome = self.applied_outcome(&answer, Vec::new());
                 if let Outcome::Applied { duplicate, .. } = &mut outcome {
                     *duplicate = true;
                 }
@@ -711,8 +1172,12 @@ impl RedisEngine {
                     ApiError::bad_request("idempotency key already used for a different request");
                 self.resolve(write.ticket, Outcome::refused(error));
             }
-            "err" if items.len() == 7 => {
+            "err" if items.len() == 8 => {
                 let outcome = self.rule_error(&write, &items);
+                self.resolve(write.ticket, outcome);
+            }
+            "herr" if items.len() == 4 => {
+                let outcome = self.hold_error(&write, &items);
                 self.resolve(write.ticket, outcome);
             }
             _ => self.cmd_down(cx, format!("unexpected write reply {items:?}")),
@@ -742,8 +1207,11 @@ impl RedisEngine {
             reserved: n(6),
             version: committed.version,
         };
-        let error = if committed.is_valid() && working.is_valid() {
-            crate::stock::store::stage_op(op, committed, working, &mut 0).err()
+        let mut held = n(7);
+        // stage_op asserts held <= reserved: a Redis that says otherwise gets the generic
+        // refusal below instead of a panic.
+        let error = if committed.is_valid() && working.is_valid() && held <= working.reserved {
+            crate::stock::store::stage_op(op, committed, working, &mut held).err()
         } else {
             None
         }
@@ -754,6 +1222,45 @@ impl RedisEngine {
         let name = self.replica.name(op.sku).to_string();
         Outcome::Refused {
             error: ApiError::from_op(&error, &name).at(write.batch.then_some(index)),
+            release: write.ops.iter().map(|op| op.sku).collect(),
+        }
+    }
+
+    /// Rebuilds a hold rule's refusal (`{"herr", index, why, detail}`) as the embedded
+    /// engine words it.
+    fn hold_error(&mut self, write: &SentWrite, items: &[Value]) -> Outcome {
+        let index = items[1]
+            .as_int()
+            .and_then(|i| usize::try_from(i).ok())
+            .unwrap_or(0);
+        let why = items[2].as_str().unwrap_or("");
+        let detail = items[3].as_str().unwrap_or("");
+        let hold = write
+            .holds
+            .get(index)
+            .and_then(|h| h.as_deref())
+            .unwrap_or_default();
+        let limits = self.config.hold_limits;
+        let error = match HoldRefusal::parse(why, detail) {
+            Some(HoldRefusal::Unknown) => HoldError::Unknown,
+            Some(HoldRefusal::Expired) => HoldError::Expired,
+            Some(HoldRefusal::TtlRequired) => HoldError::TtlRequired,
+            Some(HoldRefusal::TtlRange(ttl_ms)) => HoldError::TtlOutOfRange {
+                ttl_ms,
+                max: limits.ttl_ms_max.min(TTL_MS_MAX),
+            },
+            Some(HoldRefusal::Full) => HoldError::HoldsFull {
+                max: limits.holds_max,
+            },
+            Some(HoldRefusal::Lines) => HoldError::TooManyLines {
+                max: limits.lines_max,
+            },
+            None => {
+                return Outcome::refused(ApiError::new(ErrorCode::Internal, "bad script reply"))
+            }
+        };
+        Outcome::Refused {
+            error: ApiError::from_hold(&error, hold).at(write.batch.then_some(index)),
             release: write.ops.iter().map(|op| op.sku).collect(),
         }
     }
@@ -786,11 +1293,12 @@ impl RedisEngine {
             if *entry.key() > self.applied_seq {
                 break;
             }
-            let (_, buffered) = entry.remove_entry();
-            self.apply_buffered(buffered);
+            let (seq, buffered) = entry.remove_entry();
+            self.apply_buffered(seq, buffered);
         }
         self.drain_in_order();
         self.flush_remote();
+        self.start_holds_reload();
     }
 
     fn on_feed_message(&mut self, cx: &mut Ctx<'_>, value: Value) {
@@ -827,7 +1335,8 @@ impl RedisEngine {
                     }
                 }
                 self.feed_seq = Some(seq);
-                self.offer(seq, owned(change.states), None, ours);
+                let states = owned(change.states);
+                self.offer(seq, states, change.holds, None, ours);
             }
             _ => {}
         }
@@ -841,10 +1350,14 @@ impl RedisEngine {
             self.resolve(write.ticket, Outcome::refused(error));
             return;
         };
+        let (script, sha) = match write.script {
+            Script::Write => (scripts::WRITE, self.write_sha.as_str()),
+            Script::Hold => (scripts::HOLD, self.hold_sha.as_str()),
+        };
         let head: [&str; 2] = if full_script {
-            ["EVAL", scripts::WRITE]
+            ["EVAL", script]
         } else {
-            ["EVALSHA", self.write_sha.as_str()]
+            ["EVALSHA", sha]
         };
         let mut args: Vec<&str> = Vec::with_capacity(head.len() + write.args.len());
         args.extend(head);
@@ -930,34 +1443,44 @@ impl RedisEngine {
             }
         }
         self.maybe_catch_up();
+        self.fire_expiries();
+    }
+
+    /// The idempotency key of `req` (the epoch key again when it has none: the scripts
+    /// then ignore it) and its flag.
+    fn idem_args(&self, req: &WriteRequest) -> (String, &'static str) {
+        match &req.idempotency_key {
+            Some(key) => (format!("{}{key}", self.keys.idem_prefix), "1"),
+            None => (self.keys.epoch.clone(), "0"),
+        }
     }
 
     fn write_args(&self, req: &WriteRequest, fingerprint: u64) -> Result<Vec<String>, String> {
-        let mut args = Vec::with_capacity(11 + 4 * req.ops.len());
-        let idem = match &req.idempotency_key {
-            Some(key) => format!("{}{key}", self.keys.idem_prefix),
-            None => self.keys.epoch.clone(),
-        };
+        let mut args = Vec::with_capacity(20 + 6 * req.ops.len());
+        let (idem, keyed) = self.idem_args(req);
         let fresh_epoch =
             crate::cli::random_token().map_err(|e| format!("cannot make an epoch: {e}"))?;
+        let limits = self.config.hold_limits;
         args.extend([
-            "5".to_string(),
+            "8".to_string(),
             self.keys.stock.clone(),
             self.keys.changed.clone(),
             self.keys.seq.clone(),
             self.keys.epoch.clone(),
             idem,
+            self.keys.holds.clone(),
+            self.keys.held.clone(),
+            self.keys.deadlines.clone(),
             self.keys.channel.clone(),
             fingerprint.to_string(),
             self.config.idempotency_ttl_secs.to_string(),
             fresh_epoch,
-            if req.idempotency_key.is_some() {
-                "1"
-            } else {
-                "0"
-            }
-            .to_string(),
+            keyed.to_string(),
             self.origin.clone(),
+            self.keys.expired_prefix.clone(),
+            limits.holds_max.to_string(),
+            limits.lines_max.to_string(),
+            limits.ttl_ms_max.min(TTL_MS_MAX).to_string(),
             req.ops.len().to_string(),
         ]);
         for op in &req.ops {
@@ -965,8 +1488,83 @@ impl RedisEngine {
             args.push(scripts::action_name(op.action).to_string());
             args.push(op.amount.to_string());
             args.push(op.if_version.map_or("-1".to_string(), |v| v.to_string()));
+            args.push(op.hold.clone().unwrap_or_default());
+            args.push(op.ttl_ms.map_or("-1".to_string(), |t| t.to_string()));
         }
         Ok(args)
+    }
+
+    fn hold_args(&self, req: &WriteRequest, hold: &str, action: HoldAction) -> Vec<String> {
+        let (idem, keyed) = self.idem_args(req);
+        let ttl_ms = match action {
+            HoldAction::Extend { ttl_ms } => ttl_ms,
+            HoldAction::Commit | HoldAction::Release => 0,
+        };
+        vec![
+            "9".to_string(),
+            self.keys.stock.clone(),
+            self.keys.changed.clone(),
+            self.keys.seq.clone(),
+            self.keys.epoch.clone(),
+            idem,
+            self.keys.holds.clone(),
+            self.keys.held.clone(),
+            self.keys.deadlines.clone(),
+            format!("{}{hold}", self.keys.expired_prefix),
+            self.keys.channel.clone(),
+            req.fingerprint().0.to_string(),
+            self.config.idempotency_ttl_secs.to_string(),
+            keyed.to_string(),
+            self.origin.clone(),
+            hold.to_string(),
+            action.as_str().to_string(),
+            ttl_ms.to_string(),
+            self.config
+                .hold_limits
+                .ttl_ms_max
+                .min(TTL_MS_MAX)
+                .to_string(),
+        ]
+    }
+}
+
+/// One chunk of a scan of holds or expired markers ([`scripts::HOLDS`]).
+pub struct HoldsChunk<T> {
+    pub seq: u64,
+    pub cursor: String,
+    pub entries: Vec<(String, T)>,
+}
+
+impl<T> HoldsChunk<T> {
+    /// `value` reads each entry's value (a packed hold, an expiry time).
+    pub fn parse(reply: &Value, value: impl Fn(&str) -> Option<T>) -> Result<Self, String> {
+        let bad = || format!("unexpected holds reply from Redis: {reply:?}");
+        let Value::Array(items) = reply else {
+            return Err(bad());
+        };
+        let [seq, cursor, Value::Array(pairs)] = items.as_slice() else {
+            return Err(bad());
+        };
+        let mut entries = Vec::with_capacity(pairs.len() / 2);
+        for pair in pairs.chunks(2) {
+            let [id, packed] = pair else {
+                return Err(bad());
+            };
+            let (Some(id), Some(packed)) = (id.as_str(), packed.as_str()) else {
+                return Err(bad());
+            };
+            let parsed = value(packed)
+                .ok_or_else(|| format!("malformed hold `{id}` in Redis: {packed:?}"))?;
+            entries.push((id.to_string(), parsed));
+        }
+        Ok(HoldsChunk {
+            seq: seq
+                .as_int()
+                .and_then(|n| u64::try_from(n).ok())
+                .ok_or_else(bad)?,
+            cursor: cursor.as_str().ok_or_else(bad)?.to_string(),
+            entries,
+        })
     }
 }
 
@@ -999,7 +1597,9 @@ impl Engine for RedisEngine {
     }
 
     fn forget(&mut self, sku: SkuId) {
-        if self.replica.get(sku).version == 0 {
+        // A hold learned before its SKU's state (a reload ahead of the replica) names a SKU
+        // still at version 0: the mirror keeps its id, so it stays.
+        if self.replica.get(sku).version == 0 && self.holds.held(sku) == 0 {
             self.replica.forget(sku);
         }
     }
@@ -1009,19 +1609,6 @@ impl Engine for RedisEngine {
     }
 
     fn submit(&mut self, cx: &mut Ctx<'_>, req: &WriteRequest, _now_secs: u64) -> Submitted {
-        // Holds are decided by the embedded engine only so far: a hold op must never be
-        // applied here as an anonymous reserve (its units would never expire).
-        let hold = req
-            .hold
-            .as_ref()
-            .map(|command| command.hold.as_str())
-            .or_else(|| req.ops.iter().find_map(|op| op.hold.as_deref()));
-        if let Some(hold) = hold {
-            return Submitted::Now(Outcome::refused(super::holds_unsupported(
-                self.kind(),
-                hold,
-            )));
-        }
         self.ensure_links(cx);
         if self.refusing().is_some() || self.writes_in_flight >= WRITES_IN_FLIGHT_MAX {
             let mut error = self.unavailable();
@@ -1043,11 +1630,27 @@ impl Engine for RedisEngine {
                 }
             }
         }
-        let args = match self.write_args(req, req.fingerprint().0) {
-            Ok(args) => args,
-            Err(e) => {
-                return Submitted::Now(Outcome::refused(ApiError::new(ErrorCode::Internal, e)))
+        let (args, script, holds, view_of) = match &req.hold {
+            Some(command) => {
+                let args = self.hold_args(req, &command.hold, command.action);
+                let view_of = matches!(command.action, HoldAction::Extend { .. })
+                    .then(|| command.hold.clone());
+                (
+                    args,
+                    Script::Hold,
+                    vec![Some(command.hold.clone())],
+                    view_of,
+                )
             }
+            None => match self.write_args(req, req.fingerprint().0) {
+                Ok(args) => {
+                    let holds = req.ops.iter().map(|op| op.hold.clone()).collect();
+                    (args, Script::Write, holds, None)
+                }
+                Err(e) => {
+                    return Submitted::Now(Outcome::refused(ApiError::new(ErrorCode::Internal, e)))
+                }
+            },
         };
         self.last_ticket += 1;
         let ticket = self.last_ticket;
@@ -1058,6 +1661,9 @@ impl Engine for RedisEngine {
             sent: Instant::now(),
             sent_ms: cx.now_ms(),
             args,
+            script,
+            holds,
+            view_of,
         };
         self.send_write(cx, write, false);
         Submitted::Pending(ticket)
@@ -1070,6 +1676,10 @@ impl Engine for RedisEngine {
 
     fn take_outcome(&mut self, ticket: u64) -> Option<Outcome> {
         self.outcomes.remove(&ticket)
+    }
+
+    fn hold_view(&self, hold: &str, now_ms: u64) -> Result<HoldView, ApiError> {
+        self.view(hold, now_ms)
     }
 
     fn last_ticket(&self) -> u64 {
@@ -1085,7 +1695,13 @@ impl Engine for RedisEngine {
             refusing: self.refusing(),
             // Kept in Redis, with their TTL; not counted here.
             idempotency_keys: 0,
-            holds: Default::default(),
+            // As this process's mirror knows them; `taken_total` counts holds its own
+            // writes created.
+            holds: HoldStats {
+                live: self.holds.live_len(),
+                expired_markers: self.holds.markers_len(),
+                taken_total: self.holds_taken_total,
+            },
         }
     }
 
@@ -1217,6 +1833,54 @@ impl Engine for RedisEngine {
         {
             next = next.min(w.sent_ms + WRITE_TIMEOUT_MS);
         }
-        Some(next.saturating_sub(self.now_ms).max(1))
+        let mut wait_ms = next.saturating_sub(self.now_ms).max(1);
+        // Hold deadlines are wall-clock times (the loop's clock may be another).
+        if let Some(Reverse((at, _))) = self.timers.peek() {
+            if self.expiring.len() < EXPIRIES_IN_FLIGHT_MAX && self.refusing().is_none() {
+                wait_ms = wait_ms.min(at.saturating_sub(wall_ms()).max(1));
+            }
+        }
+        Some(wait_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_chunks_parse_and_refuse_garbage() {
+        let text = |t: &str| Value::Bulk(t.as_bytes().to_vec());
+        let reply = Value::Array(vec![
+            Value::Int(42),
+            text("17"),
+            Value::Array(vec![
+                text("h1"),
+                text("1700 a 2 b 1"),
+                text("h2"),
+                text("9 c 3"),
+            ]),
+        ]);
+        let chunk = HoldsChunk::parse(&reply, scripts::parse_packed_hold).unwrap();
+        assert_eq!((chunk.seq, chunk.cursor.as_str()), (42, "17"));
+        assert_eq!(chunk.entries.len(), 2);
+        assert_eq!(chunk.entries[1], ("h2".into(), (9, vec![("c".into(), 3)])));
+        let odd = Value::Array(vec![
+            Value::Int(1),
+            text("0"),
+            Value::Array(vec![text("h1")]),
+        ]);
+        assert!(HoldsChunk::parse(&odd, scripts::parse_packed_hold).is_err());
+        let bad = Value::Array(vec![
+            Value::Int(1),
+            text("0"),
+            Value::Array(vec![text("h1"), text("x a 1")]),
+        ]);
+        assert!(HoldsChunk::parse(&bad, scripts::parse_packed_hold).is_err());
+        assert_eq!(
+            HoldRefusal::parse("ttl_range", "5"),
+            Some(HoldRefusal::TtlRange(5))
+        );
+        assert_eq!(HoldRefusal::parse("nope", ""), None);
     }
 }
