@@ -9,7 +9,7 @@ use crate::cli::{self, Settings};
 use crate::engine::embedded::EmbeddedEngine;
 use crate::engine::redis::{RedisConfig, RedisEngine};
 use crate::engine::Engine;
-use crate::net::EventLoop;
+use crate::net::{EventLoop, TlsAcceptor};
 use crate::stock::{IdempotencyCache, Store};
 use crate::wal::memory::MemoryLog;
 use crate::wal::Log;
@@ -69,6 +69,11 @@ fn open_engine(
 
 /// `--workers N`: supervises N worker processes instead of serving (see [`super::workers`]).
 pub fn supervise(settings: Settings, args: &[String]) -> Result<(), String> {
+    // Each worker loads the pair itself; checking it here first makes a bad one one clear
+    // error and a non-zero exit, not a loop of workers dying at start.
+    if let Some(files) = settings.tls_files() {
+        TlsAcceptor::load(files).map_err(|e| format!("TLS: {e}"))?;
+    }
     let token = match &settings.write_token {
         Some(token) => token.clone(),
         None => {
@@ -104,6 +109,11 @@ pub fn run(settings: Settings) -> Result<(), String> {
         }
     };
     let tokens = load_tokens(Some(&write_token), settings.tokens_file.as_deref())?;
+    // Before anything is opened: a bad pair is the operator's to fix, and exits non-zero.
+    let tls = match settings.tls_files() {
+        Some(files) => Some(TlsAcceptor::load(files).map_err(|e| format!("TLS: {e}"))?),
+        None => None,
+    };
     let mut service_config = settings.service.clone();
     service_config.access.tokens = tokens;
     service_config.tokens_file = settings.tokens_file.clone();
@@ -118,6 +128,14 @@ pub fn run(settings: Settings) -> Result<(), String> {
         Protocol::new(StockService::new(service_config, engine), &limits)
     })
     .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    if let Some(tls) = tls {
+        info!(
+            "TLS on: certificate {}, key {}",
+            tls.files().cert.display(),
+            tls.files().key.display()
+        );
+        event_loop.set_tls(tls);
+    }
     event_loop
         .handle_signals()
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
