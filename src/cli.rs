@@ -553,6 +553,31 @@ mod tests {
     }
 
     #[test]
+    fn tls_pair_and_trusted_proxies() {
+        let s = Settings::parse(
+            &args(&[
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+                "--trusted-proxy",
+                "127.0.0.1, ::1",
+            ]),
+            |_| None,
+        )
+        .unwrap()
+        .unwrap();
+        let files = s.tls_files().expect("both halves given");
+        assert_eq!(files.cert, PathBuf::from("c.pem"));
+        assert_eq!(s.limits.trusted_proxies.len(), 2);
+        let s = Settings::parse(&[], |_| None).unwrap().unwrap();
+        assert!(s.tls_files().is_none() && s.limits.trusted_proxies.is_empty());
+        let env = |k: &str| (k == "STOCKSYNC_TLS_KEY").then(|| "k.pem".to_string());
+        let err = Settings::parse(&[], env).unwrap_err();
+        assert!(err.contains("--tls-cert and --tls-key"), "{err}");
+    }
+
+    #[test]
     fn tokens_file() {
         let tokens =
             read_tokens("# comment\nerp write s3cret-123\nshop read viewview\n\n").unwrap();

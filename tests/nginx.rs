@@ -197,8 +197,8 @@ fn open_from(nginx: &Nginx, config: &std::sync::Arc<rustls::ClientConfig>, host:
 }
 
 /// The HTTP status of a refused wss handshake through nginx.
-fn refused_status(result: Result<tls::Wss, tungstenite::Error>) -> u16 {
-    match result {
+fn refused_status(result: Result<tls::Wss, Box<tungstenite::Error>>) -> u16 {
+    match result.map_err(|e| *e) {
         Ok(_) => panic!("the connection was accepted"),
         Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
         Err(e) => panic!("expected an HTTP refusal, got {e}"),

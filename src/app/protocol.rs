@@ -491,3 +491,47 @@ impl<S: Service> Handler for Protocol<S> {
         self.service.poll_timeout_ms()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request_with(headers: &str) -> Request {
+        let head = format!("GET /ws HTTP/1.1\r\nHost: shop\r\n{headers}\r\n");
+        let (req, _) = request::parse(head.as_bytes(), &request::Limits::default())
+            .expect("a valid head")
+            .expect("a complete head");
+        req
+    }
+
+    #[test]
+    fn forwarded_client_is_the_last_hop_of_the_last_header() {
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        let cases: &[(&str, Option<std::net::IpAddr>)] = &[
+            ("", None),
+            ("X-Forwarded-For: 203.0.113.7\r\n", ip("203.0.113.7")),
+            // What the client wrote comes first; the proxy appends what it saw.
+            (
+                "X-Forwarded-For: 10.9.9.9, 203.0.113.7\r\n",
+                ip("203.0.113.7"),
+            ),
+            (
+                "X-Forwarded-For: 10.9.9.9\r\nX-Forwarded-For: 198.51.100.2\r\n",
+                ip("198.51.100.2"),
+            ),
+            ("x-forwarded-for: 2001:db8::1\r\n", ip("2001:db8::1")),
+            ("X-Forwarded-For: 203.0.113.7:5678\r\n", ip("203.0.113.7")),
+            ("X-Forwarded-For: [2001:db8::1]:443\r\n", ip("2001:db8::1")),
+            ("X-Forwarded-For: unknown\r\n", None),
+            ("X-Forwarded-For: 203.0.113.7, garbage\r\n", None),
+            ("X-Forwarded-For: \r\n", None),
+        ];
+        for (headers, expected) in cases {
+            assert_eq!(
+                forwarded_client(&request_with(headers)),
+                *expected,
+                "{headers:?}"
+            );
+        }
+    }
+}

@@ -47,7 +47,7 @@ impl SelfSigned {
 
     /// A client configuration trusting this certificate only.
     pub fn client_config(&self) -> Arc<ClientConfig> {
-        client_config(&[self.cert_der.clone()])
+        client_config(std::slice::from_ref(&self.cert_der))
     }
 }
 
@@ -121,8 +121,8 @@ pub fn wss(
     config: &Arc<ClientConfig>,
     path: &str,
     headers: &[(&str, &str)],
-) -> Result<Wss, tungstenite::Error> {
-    let stream = tls_connect(addr, source, config)?;
+) -> Result<Wss, Box<tungstenite::Error>> {
+    let stream = tls_connect(addr, source, config).map_err(|e| Box::new(e.into()))?;
     let mut request = format!("ws://localhost:{}{path}", addr.port())
         .into_client_request()
         .unwrap();
@@ -134,7 +134,7 @@ pub fn wss(
     }
     match tungstenite::client(request, stream) {
         Ok((ws, _)) => Ok(ws),
-        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(Box::new(e)),
         Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("blocking handshake"),
     }
 }
