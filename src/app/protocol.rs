@@ -129,7 +129,7 @@ impl<S: Service> Protocol<S> {
         let key = match handshake::validate(&req.method_name, req.minor_version, &headers) {
             Ok(key) => key.to_vec(),
             Err(e) => {
-                self.refused(cx, id, format_args!("handshake refused: {e}"));
+                self.refused(cx, id, format_args!("WebSocket handshake refused: {e}"));
                 cx.send(id, Frame::from(handshake::rejection(&e)));
                 cx.close(id);
                 return;
@@ -146,7 +146,7 @@ impl<S: Service> Protocol<S> {
             self.refused(
                 cx,
                 id,
-                format_args!("upgrade refused with {}", response.status),
+                format_args!("WebSocket upgrade refused with {}", response.status),
             );
             cx.send(id, Frame::from(response.close().to_bytes()));
             cx.close(id);
@@ -214,18 +214,18 @@ impl<S: Service> Protocol<S> {
         }
     }
 
-    /// Logs a refused WebSocket handshake: a warning at most every
+    /// Logs a refused handshake or request: a warning at most every
     /// `REFUSAL_WARN_INTERVAL_MS` (with the count since the last one), debug otherwise.
     fn refused(&mut self, cx: &Ctx<'_>, id: ConnId, what: std::fmt::Arguments<'_>) {
         let now = cx.now_ms();
         let peer = cx.peer(id).map(|p| p.ip());
         if self.refusal_warned_ms == 0 || now >= self.refusal_warned_ms + REFUSAL_WARN_INTERVAL_MS {
             let earlier = std::mem::take(&mut self.refusals_unwarned);
-            warn!("{id} from {peer:?}: WebSocket {what} ({earlier} more refused since the last warning)");
+            warn!("{id} from {peer:?}: {what} ({earlier} more refused since the last warning)");
             self.refusal_warned_ms = now.max(1);
         } else {
             self.refusals_unwarned += 1;
-            debug!("{id} from {peer:?}: WebSocket {what}");
+            debug!("{id} from {peer:?}: {what}");
         }
     }
 

@@ -90,6 +90,11 @@ pub fn supervise(settings: Settings, args: &[String]) -> Result<(), String> {
 /// Runs the server until SIGINT/SIGTERM. Errors are for the operator (bad data dir, port in
 /// use); the process exits non-zero with them.
 pub fn run(settings: Settings) -> Result<(), String> {
+    // Before anything is opened: a bad pair is the operator's to fix, and exits non-zero.
+    let tls = match settings.tls_files() {
+        Some(files) => Some(TlsAcceptor::load(files).map_err(|e| format!("TLS: {e}"))?),
+        None => None,
+    };
     let write_token = match &settings.write_token {
         Some(secret) => Token {
             name: "write-token".into(),
@@ -109,11 +114,6 @@ pub fn run(settings: Settings) -> Result<(), String> {
         }
     };
     let tokens = load_tokens(Some(&write_token), settings.tokens_file.as_deref())?;
-    // Before anything is opened: a bad pair is the operator's to fix, and exits non-zero.
-    let tls = match settings.tls_files() {
-        Some(files) => Some(TlsAcceptor::load(files).map_err(|e| format!("TLS: {e}"))?),
-        None => None,
-    };
     let mut service_config = settings.service.clone();
     service_config.access.tokens = tokens;
     service_config.tokens_file = settings.tokens_file.clone();
