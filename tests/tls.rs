@@ -337,3 +337,86 @@ fn x_forwarded_for_from_an_untrusted_peer_is_ignored() {
         "a second connection from one IP got through"
     );
 }
+
+#[test]
+fn a_slow_tls_subscriber_is_conflated_and_converges() {
+    // Small kernel buffers on both sides, so a subscriber that stops reading backs up through
+    // the TLS session's buffer into the send queue, where conflation applies.
+    let dir = tempfile::tempdir().unwrap();
+    let cert = SelfSigned::new();
+    let server = tls_server(
+        &cert,
+        dir.path(),
+        &["--socket-send-buffer", "4096", "--send-high-bytes", "16384"],
+    );
+    let config = cert.client_config();
+    let mut slow = tls::wss_small_window(server.addr, &config, "/ws", 4096);
+    tls::send(&mut slow, json!({"type": "subscribe", "skus": ["*"]}));
+    assert_eq!(tls::recv(&mut slow)["type"], "subscribed");
+    let mut fast = tls::wss(server.addr, None, &config, "/ws", &[]).unwrap();
+    tls::send(&mut fast, json!({"type": "subscribe", "skus": ["hot-0"]}));
+    assert_eq!(tls::recv(&mut fast)["type"], "subscribed");
+
+    // 100 rounds of a 100-SKU batch: 10,000 updates of ~120 bytes, far past every buffer.
+    let mut writer = tls::wss(
+        server.addr,
+        None,
+        &config,
+        &format!("/ws?token={TOKEN}"),
+        &[],
+    )
+    .unwrap();
+    const ROUNDS: u64 = 100;
+    for round in 1..=ROUNDS {
+        let ops: Vec<_> = (0..100)
+            .map(|i| json!({"id": format!("hot-{i}"), "action": "set", "quantity": round}))
+            .collect();
+        tls::send(&mut writer, json!({"type": "stock_batch", "ops": ops}));
+        let ack = tls::recv(&mut writer);
+        assert_eq!(ack["type"], "ack", "{ack}");
+        // The fast subscriber keeps up meanwhile.
+        assert_eq!(tls::recv(&mut fast)["stock"]["quantity"], round);
+    }
+
+    // The slow one now reads: versions per SKU never go back, and it ends at the last round.
+    let mut last_version = std::collections::HashMap::new();
+    let mut at_last_round = std::collections::HashSet::new();
+    let mut received = 0;
+    while at_last_round.len() < 100 {
+        let update = tls::recv(&mut slow);
+        assert_eq!(update["type"], "stock_update", "{update}");
+        let id = update["stock"]["id"].as_str().unwrap().to_string();
+        let version = update["stock"]["version"].as_u64().unwrap();
+        let previous = last_version.insert(id.clone(), version).unwrap_or(0);
+        assert!(
+            version > previous,
+            "{id}: version {version} after {previous}"
+        );
+        if update["stock"]["quantity"] == ROUNDS {
+            at_last_round.insert(id);
+        }
+        received += 1;
+    }
+    assert!(
+        received < 100 * ROUNDS,
+        "all {received} updates were queued: nothing was conflated"
+    );
+}
+
+#[test]
+fn sigterm_says_going_away_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = SelfSigned::new();
+    let server = tls_server(&cert, dir.path(), &[]);
+    let config = cert.client_config();
+    let mut client = tls::wss(server.addr, None, &config, "/ws", &[]).unwrap();
+    tls::send(&mut client, json!({"type": "ping"}));
+    assert_eq!(tls::recv(&mut client)["type"], "pong");
+    server.signal(libc::SIGTERM);
+    match client.read() {
+        Ok(tungstenite::Message::Close(Some(frame))) => {
+            assert_eq!(u16::from(frame.code), 1001, "{frame:?}")
+        }
+        other => panic!("expected a 1001 close, got {other:?}"),
+    }
+}

@@ -99,7 +99,39 @@ pub fn tls_connect(
     source: Option<IpAddr>,
     config: &Arc<ClientConfig>,
 ) -> std::io::Result<TlsStream> {
-    let tcp = tcp_from(addr, source);
+    tls_over(tcp_from(addr, source), config)
+}
+
+/// A `wss://` client whose socket takes at most about `receive_buffer` bytes in the kernel: a
+/// subscriber that stops reading backs up into the server quickly.
+pub fn wss_small_window(
+    addr: SocketAddr,
+    config: &Arc<ClientConfig>,
+    path: &str,
+    receive_buffer: usize,
+) -> Wss {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    socket.set_recv_buffer_size(receive_buffer).unwrap();
+    socket
+        .connect_timeout(&addr.into(), Duration::from_secs(5))
+        .unwrap();
+    let tcp: TcpStream = socket.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let stream = tls_over(tcp, config).unwrap();
+    let request = format!("ws://localhost:{}{path}", addr.port());
+    match tungstenite::client(request, stream) {
+        Ok((ws, _)) => ws,
+        Err(e) => panic!("wss handshake: {e}"),
+    }
+}
+
+/// Completes a TLS handshake over `tcp`.
+pub fn tls_over(tcp: TcpStream, config: &Arc<ClientConfig>) -> std::io::Result<TlsStream> {
     let name = ServerName::try_from("localhost").unwrap();
     let conn = ClientConnection::new(config.clone(), name).unwrap();
     let mut stream = StreamOwned::new(conn, tcp);
