@@ -420,3 +420,85 @@ fn sigterm_says_going_away_over_tls() {
         other => panic!("expected a 1001 close, got {other:?}"),
     }
 }
+
+/// A `stocksync --workers N` supervisor; SIGTERM on drop stops it and its workers.
+struct Supervisor(std::process::Child);
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on a pid we spawned; no memory is involved.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn workers_serve_tls_and_each_takes_the_new_certificate_on_sighup() {
+    let redis = common::redis::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let first = SelfSigned::new();
+    let second = SelfSigned::new();
+    let (cert_path, key_path) = first.write(dir.path());
+    let port = common::free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let supervisor = Supervisor(
+        Command::new(env!("CARGO_BIN_EXE_stocksync"))
+            .args(["--workers", "2", "--listen", &addr.to_string()])
+            .args(["--redis", &redis.url(), "--data-dir", "none"])
+            .args(["--write-token", TOKEN])
+            .arg("--tls-cert")
+            .arg(&cert_path)
+            .arg("--tls-key")
+            .arg(&key_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let config = tls::client_config(&[first.cert_der.clone(), second.cert_der.clone()]);
+    // Both workers answer over TLS (each /healthz names its pid).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut pids = std::collections::HashSet::new();
+    while pids.len() < 2 {
+        assert!(Instant::now() < deadline, "workers answering: {pids:?}");
+        if TcpStream::connect(addr).is_err() {
+            std::thread::sleep(Duration::from_millis(100));
+            continue; // no worker listening yet
+        }
+        let Ok(mut stream) = tls::tls_connect(addr, None, &config) else {
+            continue;
+        };
+        let (status, body) = tls::http(&mut stream, "GET", "/healthz", &[], None);
+        if status == 200 {
+            let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+            pids.insert(health["pid"].as_u64().unwrap());
+        }
+    }
+    // SIGHUP to the supervisor reaches every worker: soon no connection sees the old pair.
+    second.write(dir.path());
+    // SAFETY: kill(2) on a pid we spawned.
+    unsafe {
+        libc::kill(supervisor.0.id() as i32, libc::SIGHUP);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut new_in_a_row = 0;
+    let mut new_pids = std::collections::HashSet::new();
+    while new_in_a_row < 20 || new_pids.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "an old certificate is still served"
+        );
+        let mut stream = tls::tls_connect(addr, None, &config).unwrap();
+        if tls::presented(&stream) == second.cert_der {
+            new_in_a_row += 1;
+            let (_, body) = tls::http(&mut stream, "GET", "/healthz", &[], None);
+            let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+            new_pids.insert(health["pid"].as_u64().unwrap());
+        } else {
+            new_in_a_row = 0;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
