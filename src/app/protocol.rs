@@ -184,7 +184,7 @@ impl<S: Service> Protocol<S> {
         let Some(client) = forwarded_client(req) else {
             return true; // no (usable) header: the proxy itself is the client
         };
-        let proxy = cx.peer(id);
+        let proxy = cx.socket_peer(id);
         match cx.set_client_ip(id, client) {
             Ok(()) => {
                 debug!("{id} client {client} via proxy {proxy:?}");

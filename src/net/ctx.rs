@@ -90,6 +90,12 @@ impl Ctx<'_> {
         }
     }
 
+    /// The socket's own peer (for a proxied connection: the proxy).
+    pub fn socket_peer(&self, id: ConnId) -> Option<SocketAddr> {
+        self.conn(id)
+            .map(|c| SocketAddr::new(c.peer_ip, c.peer_port))
+    }
+
     /// The connection's socket peer is a `--trusted-proxy`, so the client it names in the
     /// request head may be believed.
     pub fn via_trusted_proxy(&self, id: ConnId) -> bool {
