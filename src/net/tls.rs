@@ -43,10 +43,11 @@ const CONTENT_TYPE_HANDSHAKE: u8 = 0x16;
 /// The answer to plain HTTP on the TLS port (nginx answers 400 there too), then the close.
 const PLAIN_HTTP_REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
 Content-Type: application/json\r\n\
-Content-Length: 88\r\n\
+Content-Length: 89\r\n\
 Connection: close\r\n\
 \r\n\
-{\"error\":{\"code\":\"bad_request\",\"message\":\"this port speaks TLS: use https:// or wss://\"}}";
+{\"error\":{\"code\":\"bad_request\",\
+\"message\":\"this port speaks TLS: use https:// or wss://\"}}";
 
 /// Where the certificate chain and key are read from (PEM), at start and on every SIGHUP.
 #[derive(Clone, Debug)]
@@ -310,5 +311,25 @@ impl Write for Sealer<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plain_http_refusal_is_a_well_formed_response() {
+        let text = std::str::from_utf8(PLAIN_HTTP_REFUSAL).expect("ASCII");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("Content-Length: "))
+            .expect("a Content-Length")
+            .parse()
+            .expect("a number");
+        assert_eq!(length, body.len());
+        let json: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+        assert_eq!(json["error"]["code"], "bad_request");
     }
 }
