@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The whole test suite: every test against the embedded engine, then the protocol suites again
 # against the Redis engine. The tests use real peers (redis-server, Debian's chromium, node with
-# the npm dev dependencies, Python's kosoku and websockets); what is missing is installed here when we are root (as in CI), and
-# otherwise the tests that need it fail with a message saying what to install.
+# the npm dev dependencies, Python's kosoku and websockets, nginx, php-cli with php-curl); what is
+# missing is installed here when we are root (as in CI), and otherwise the tests that need it
+# fail with a message saying what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v npm >/dev/null || missing+=(nodejs npm)
+# tests/nginx.rs (stocksync behind nginx) and tests/php_example.rs (examples/php with php-curl).
+[ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v php >/dev/null || missing+=(php-cli)
+{ command -v php >/dev/null && php -m 2>/dev/null | grep -qx curl; } || missing+=(php-curl)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         apt-get update

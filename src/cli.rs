@@ -37,6 +37,22 @@ pub struct Settings {
     pub redis_prefix: String,
     /// `--workers`: worker processes to start and supervise (1 = this process serves).
     pub workers: usize,
+    /// `--tls-cert` / `--tls-key`: the listener speaks TLS with this pair.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Settings {
+    /// The TLS pair, when both halves were given (`parse` refuses one without the other).
+    pub fn tls_files(&self) -> Option<crate::net::TlsFiles> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::net::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 struct Flag {
@@ -107,6 +123,24 @@ const FLAGS: &[Flag] = &[
         env: "STOCKSYNC_ALLOWED_ORIGINS",
         value: "ORIGIN[,ORIGIN]",
         help: "browser origins allowed to open a WebSocket and to read the HTTP API (CORS) (default any)",
+    },
+    Flag {
+        name: "--tls-cert",
+        env: "STOCKSYNC_TLS_CERT",
+        value: "PATH",
+        help: "PEM certificate chain: the port speaks TLS 1.2/1.3 (https://, wss://); re-read on SIGHUP",
+    },
+    Flag {
+        name: "--tls-key",
+        env: "STOCKSYNC_TLS_KEY",
+        value: "PATH",
+        help: "PEM private key of --tls-cert; re-read with it on SIGHUP",
+    },
+    Flag {
+        name: "--trusted-proxy",
+        env: "STOCKSYNC_TRUSTED_PROXIES",
+        value: "ADDR[,ADDR]",
+        help: "proxies whose X-Forwarded-For names the client (per-IP limits, logs); ignored from anyone else",
     },
     Flag {
         name: "--max-connections",
@@ -262,6 +296,8 @@ impl Settings {
             redis: None,
             redis_prefix: "stocksync:".into(),
             workers: 1,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 
@@ -308,6 +344,9 @@ impl Settings {
             s.apply(name, &value)?;
         }
         s.limits.validate().map_err(|e| e.0)?;
+        if s.tls_cert.is_some() != s.tls_key.is_some() {
+            return Err("--tls-cert and --tls-key go together: give both, or neither".into());
+        }
         if s.workers > 1 && s.redis.is_none() {
             return Err(format!(
                 "--workers {} needs --redis: without a shared Redis every worker would hold an \
@@ -365,6 +404,16 @@ impl Settings {
                 self.write_token = Some(value.to_string());
             }
             "--tokens" => self.tokens_file = Some(PathBuf::from(value)),
+            "--tls-cert" => self.tls_cert = Some(PathBuf::from(value)),
+            "--tls-key" => self.tls_key = Some(PathBuf::from(value)),
+            "--trusted-proxy" => {
+                for item in value.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+                    let ip = item.parse().map_err(|_| {
+                        format!("--trusted-proxy: `{item}` is not an IP address like 127.0.0.1")
+                    })?;
+                    self.limits.trusted_proxies.push(ip);
+                }
+            }
             "--public-read" => self.service.access.public_read = parse_bool(name, value)?,
             "--allowed-origin" => self.service.allowed_origins.extend(
                 value
@@ -530,10 +579,37 @@ mod tests {
             &["--max-connections", "-1"],
             &["--bogus", "1"],
             &["--listen"],
+            &["--trusted-proxy", "proxy.example"],
+            &["--tls-cert", "cert.pem"],
         ] {
             assert!(Settings::parse(&args(bad), |_| None).is_err(), "{bad:?}");
         }
         assert!(usage().contains("STOCKSYNC_WRITE_TOKEN"));
+    }
+
+    #[test]
+    fn tls_pair_and_trusted_proxies() {
+        let s = Settings::parse(
+            &args(&[
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "k.pem",
+                "--trusted-proxy",
+                "127.0.0.1, ::1",
+            ]),
+            |_| None,
+        )
+        .unwrap()
+        .unwrap();
+        let files = s.tls_files().expect("both halves given");
+        assert_eq!(files.cert, PathBuf::from("c.pem"));
+        assert_eq!(s.limits.trusted_proxies.len(), 2);
+        let s = Settings::parse(&[], |_| None).unwrap().unwrap();
+        assert!(s.tls_files().is_none() && s.limits.trusted_proxies.is_empty());
+        let env = |k: &str| (k == "STOCKSYNC_TLS_KEY").then(|| "k.pem".to_string());
+        let err = Settings::parse(&[], env).unwrap_err();
+        assert!(err.contains("--tls-cert and --tls-key"), "{err}");
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct Limits {
     pub http_headers_max: usize,
     pub http_head_bytes_max: usize,
     pub http_body_bytes_max: usize,
+    /// `--trusted-proxy`: peers whose `X-Forwarded-For` names the client (per-IP limits, logs).
+    /// Their own connections are not refused per IP at accept; each is counted against the
+    /// client its request head names.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Default for Limits {
@@ -80,6 +84,7 @@ impl Default for Limits {
             http_headers_max: 32,
             http_head_bytes_max: 8 * 1024,
             http_body_bytes_max: 1024 * 1024,
+            trusted_proxies: Vec::new(),
         }
     }
 }

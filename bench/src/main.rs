@@ -43,6 +43,7 @@ common flags:
   --label NAME            name in the progress lines and the summary
   --connect-concurrency 256  connects/handshakes in flight
   --output FILE           also write the JSON summary to FILE
+  --tls                   connect with TLS (wss://; the certificate is not verified)
 
 One source address gives about 28,000 ephemeral ports, and a process may have 20,000 open
 files here: above ~19,000 connections run several processes with different --source-first.
@@ -50,7 +51,12 @@ See docs/LOADTEST.md.
 ";
 
 fn main() {
-    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let mut raw: Vec<String> = std::env::args().skip(1).collect();
+    // `--tls` applies to every scenario's connections, so it is taken here.
+    if raw.iter().any(|arg| arg == "--tls") {
+        raw.retain(|arg| arg != "--tls");
+        net::enable_tls();
+    }
     let Some(scenario) = raw.first() else {
         eprint!("{USAGE}");
         std::process::exit(2);

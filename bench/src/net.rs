@@ -12,7 +12,12 @@ use mio::net::TcpStream;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
 
 /// Bytes asked for in one read; large enough for hundreds of small frames.
 pub const READ_BUFFER_BYTES: usize = 256 * 1024;
@@ -36,6 +41,73 @@ impl Target {
 
     pub fn host(&self) -> String {
         self.addr.to_string()
+    }
+}
+
+/// `--tls`: every connection speaks TLS (wss://). Set once, before any connection is made.
+static TLS: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+
+/// Makes every later connection a TLS one. The certificate is not verified: this is a load tool
+/// pointed at your own server (self-signed certificates included), and verification is a cost
+/// of the client, not of the server under test.
+pub fn enable_tls() {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(AcceptAnyCertificate(provider.clone()));
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let _ = TLS.set(Arc::new(config));
+}
+
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    // Signatures are still checked: the handshake does the same work a real client's does.
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -100,8 +172,11 @@ pub struct Conn<S> {
     pub phase: Phase,
     /// Bytes of a partial response head or frame, kept until the rest arrives.
     pub pending_in: Vec<u8>,
-    /// Bytes not yet accepted by the socket.
+    /// Bytes not yet accepted by the socket (with TLS: by the TLS session, whose own buffer is
+    /// bounded by rustls' 64 KiB default, so `out` still shows backpressure).
     pub out: Vec<u8>,
+    /// The TLS session with `--tls`.
+    tls: Option<Box<ClientConnection>>,
     pub state: S,
 }
 
@@ -121,12 +196,64 @@ impl<S> Conn<S> {
             phase: Phase::Connecting,
             pending_in: Vec::new(),
             out: wire::upgrade_request(host, path),
+            tls: TLS.get().map(|config| {
+                let name = ServerName::try_from("localhost").expect("a valid DNS name");
+                Box::new(
+                    ClientConnection::new(config.clone(), name)
+                        .expect("a client session from a valid configuration"),
+                )
+            }),
             state,
+        }
+    }
+
+    /// Reads plain bytes (decrypted with `--tls`). Returns less than `buf` holds only when the
+    /// socket is drained (or at EOF), as a plain socket read does: `pump` relies on it.
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.as_mut() else {
+            return self.stream.read(buf);
+        };
+        let mut total = 0;
+        loop {
+            match tls.reader().read(&mut buf[total..]) {
+                Ok(0) => return Ok(total),
+                Ok(n) => {
+                    total += n;
+                    if total == buf.len() {
+                        return Ok(total);
+                    }
+                    continue;
+                }
+                Err(error) if error.kind() == ErrorKind::WouldBlock => {}
+                Err(error) if total > 0 => {
+                    let _ = error;
+                    return Ok(total);
+                }
+                Err(error) => return Err(error),
+            }
+            match tls.read_tls(&mut self.stream) {
+                Ok(0) => return Ok(total),
+                Ok(_) => {}
+                Err(error) if error.kind() == ErrorKind::WouldBlock && total > 0 => {
+                    return Ok(total)
+                }
+                Err(error) => return Err(error),
+            }
+            tls.process_new_packets()
+                .map_err(|error| io::Error::new(ErrorKind::InvalidData, error))?;
+            write_tls(tls, &mut self.stream)?;
         }
     }
 
     /// Writes `out` until it is empty or the socket would block.
     pub fn flush(&mut self) -> io::Result<()> {
+        if let Some(tls) = self.tls.as_mut() {
+            if !self.out.is_empty() {
+                let taken = tls.writer().write(&self.out)?;
+                self.out.drain(..taken);
+            }
+            return write_tls(tls, &mut self.stream);
+        }
         let mut written = 0;
         while written < self.out.len() {
             match self.stream.write(&self.out[written..]) {
@@ -173,7 +300,7 @@ impl<S> Conn<S> {
             }
             buf[..kept].copy_from_slice(&self.pending_in);
             self.pending_in.clear();
-            let read = match self.stream.read(&mut buf[kept..]) {
+            let read = match self.read_some(&mut buf[kept..]) {
                 Ok(0) => {
                     self.pending_in.extend_from_slice(&buf[..kept]);
                     return self.close(pumped, CloseReason::Dropped);
@@ -240,6 +367,20 @@ impl<S> Conn<S> {
         pumped.closed = Some(reason);
         pumped
     }
+}
+
+/// Writes a session's ciphertext until none is left or the socket would block.
+fn write_tls(tls: &mut ClientConnection, stream: &mut TcpStream) -> io::Result<()> {
+    while tls.wants_write() {
+        match tls.write_tls(stream) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(error) if error.kind() == ErrorKind::WouldBlock => return Ok(()),
+            Err(error) if error.kind() == ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
 }
 
 /// Counts of connection outcomes, for every scenario's summary.

@@ -82,6 +82,9 @@ impl<S: Service> Protocol<S> {
 
     fn handle_request(&mut self, cx: &mut Ctx<'_>, id: ConnId, req: Request) {
         let now = cx.now_ms();
+        if cx.via_trusted_proxy(id) && !self.attribute_client(cx, id, &req) {
+            return;
+        }
         if self.service.wants_websocket(&req) {
             self.handle_upgrade(cx, id, req);
             return;
@@ -126,7 +129,7 @@ impl<S: Service> Protocol<S> {
         let key = match handshake::validate(&req.method_name, req.minor_version, &headers) {
             Ok(key) => key.to_vec(),
             Err(e) => {
-                self.refused(cx, id, format_args!("handshake refused: {e}"));
+                self.refused(cx, id, format_args!("WebSocket handshake refused: {e}"));
                 cx.send(id, Frame::from(handshake::rejection(&e)));
                 cx.close(id);
                 return;
@@ -143,7 +146,7 @@ impl<S: Service> Protocol<S> {
             self.refused(
                 cx,
                 id,
-                format_args!("upgrade refused with {}", response.status),
+                format_args!("WebSocket upgrade refused with {}", response.status),
             );
             cx.send(id, Frame::from(response.close().to_bytes()));
             cx.close(id);
@@ -173,18 +176,56 @@ impl<S: Service> Protocol<S> {
         self.service.on_ws_open(cx, id, &req);
     }
 
-    /// Logs a refused WebSocket handshake: a warning at most every
+    /// A request from a trusted proxy: the connection is counted against (and logged as) the
+    /// client its `X-Forwarded-For` names. Every request does this, since a proxy may reuse one
+    /// upstream connection for several clients. False when that client is over its per-IP
+    /// connection limit: the request was answered 429 and the connection is closing.
+    fn attribute_client(&mut self, cx: &mut Ctx<'_>, id: ConnId, req: &Request) -> bool {
+        let Some(client) = forwarded_client(req) else {
+            return true; // no (usable) header: the proxy itself is the client
+        };
+        let proxy = cx.socket_peer(id);
+        match cx.set_client_ip(id, client) {
+            Ok(()) => {
+                debug!("{id} client {client} via proxy {proxy:?}");
+                true
+            }
+            Err(limit) => {
+                self.refused(
+                    cx,
+                    id,
+                    format_args!(
+                        "request refused: per-IP connection limit ({}) for {client} via proxy",
+                        limit.max
+                    ),
+                );
+                let body = serde_json::json!({"error": {
+                    "code": "rate_limited",
+                    "message": "too many connections from this client address",
+                }});
+                let response = Response::json(429, body.to_string().into_bytes()).close();
+                cx.send(id, Frame::from(response.to_bytes()));
+                cx.close(id);
+                if let Some(Some(state)) = self.conns.get_mut(id.index as usize) {
+                    state.phase = Phase::Done;
+                }
+                false
+            }
+        }
+    }
+
+    /// Logs a refused handshake or request: a warning at most every
     /// `REFUSAL_WARN_INTERVAL_MS` (with the count since the last one), debug otherwise.
     fn refused(&mut self, cx: &Ctx<'_>, id: ConnId, what: std::fmt::Arguments<'_>) {
         let now = cx.now_ms();
         let peer = cx.peer(id).map(|p| p.ip());
         if self.refusal_warned_ms == 0 || now >= self.refusal_warned_ms + REFUSAL_WARN_INTERVAL_MS {
             let earlier = std::mem::take(&mut self.refusals_unwarned);
-            warn!("{id} from {peer:?}: WebSocket {what} ({earlier} more refused since the last warning)");
+            warn!("{id} from {peer:?}: {what} ({earlier} more refused since the last warning)");
             self.refusal_warned_ms = now.max(1);
         } else {
             self.refusals_unwarned += 1;
-            debug!("{id} from {peer:?}: WebSocket {what}");
+            debug!("{id} from {peer:?}: {what}");
         }
     }
 
@@ -221,6 +262,18 @@ fn http_error_body(e: &request::ParseError) -> Vec<u8> {
     serde_json::json!({"error": {"code": code, "message": e.to_string()}})
         .to_string()
         .into_bytes()
+}
+
+/// The client a proxy names: the last address of the last `X-Forwarded-For` header, which is the
+/// hop the (trusted) proxy itself added; whatever the client wrote before it is not believed.
+/// Accepts `1.2.3.4`, `2001:db8::1`, and the `1.2.3.4:5678` / `[2001:db8::1]:5678` some proxies
+/// write.
+fn forwarded_client(req: &Request) -> Option<std::net::IpAddr> {
+    let header = req.header_values("x-forwarded-for").last()?;
+    let last = std::str::from_utf8(header).ok()?.rsplit(',').next()?.trim();
+    last.parse::<std::net::IpAddr>()
+        .ok()
+        .or_else(|| last.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
 }
 
 /// Codes we may echo back in a close reply; anything else is answered with 1000.
@@ -364,7 +417,9 @@ impl<S: Service> Handler for Protocol<S> {
 
     fn on_timer(&mut self, cx: &mut Ctx<'_>, id: ConnId) {
         let now = cx.now_ms();
-        let limits = cx.limits().clone();
+        // Copied, not cloned: `Limits` holds a list (trusted proxies) and this runs per ping.
+        let idle_timeout_ms = cx.limits().idle_timeout_ms;
+        let ping_interval_ms = cx.limits().ping_interval_ms;
         let Some(Some(state)) = self.conns.get_mut(id.index as usize) else {
             return;
         };
@@ -381,13 +436,13 @@ impl<S: Service> Handler for Protocol<S> {
                 cx.close(id);
             }
             Phase::WebSocket { last_ping_ms, .. } => {
-                if now >= state.last_input_ms + limits.idle_timeout_ms {
+                if now >= state.last_input_ms + idle_timeout_ms {
                     debug!("{id} idle timeout");
                     self.service.on_limit(cx, id, Limit::IdleTimeout);
                     Self::fail(cx, id, close::GOING_AWAY, "idle timeout");
                     return;
                 }
-                if limits.ping_interval_ms > 0 && now >= *last_ping_ms + limits.ping_interval_ms {
+                if ping_interval_ms > 0 && now >= *last_ping_ms + ping_interval_ms {
                     *last_ping_ms = now;
                     cx.send(id, Frame::from(frame::encode(OpCode::Ping, &[])));
                 }
@@ -434,5 +489,49 @@ impl<S: Service> Handler for Protocol<S> {
 
     fn poll_timeout_ms(&self) -> Option<u64> {
         self.service.poll_timeout_ms()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request_with(headers: &str) -> Request {
+        let head = format!("GET /ws HTTP/1.1\r\nHost: shop\r\n{headers}\r\n");
+        let (req, _) = request::parse(head.as_bytes(), &request::Limits::default())
+            .expect("a valid head")
+            .expect("a complete head");
+        req
+    }
+
+    #[test]
+    fn forwarded_client_is_the_last_hop_of_the_last_header() {
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        let cases: &[(&str, Option<std::net::IpAddr>)] = &[
+            ("", None),
+            ("X-Forwarded-For: 203.0.113.7\r\n", ip("203.0.113.7")),
+            // What the client wrote comes first; the proxy appends what it saw.
+            (
+                "X-Forwarded-For: 10.9.9.9, 203.0.113.7\r\n",
+                ip("203.0.113.7"),
+            ),
+            (
+                "X-Forwarded-For: 10.9.9.9\r\nX-Forwarded-For: 198.51.100.2\r\n",
+                ip("198.51.100.2"),
+            ),
+            ("x-forwarded-for: 2001:db8::1\r\n", ip("2001:db8::1")),
+            ("X-Forwarded-For: 203.0.113.7:5678\r\n", ip("203.0.113.7")),
+            ("X-Forwarded-For: [2001:db8::1]:443\r\n", ip("2001:db8::1")),
+            ("X-Forwarded-For: unknown\r\n", None),
+            ("X-Forwarded-For: 203.0.113.7, garbage\r\n", None),
+            ("X-Forwarded-For: \r\n", None),
+        ];
+        for (headers, expected) in cases {
+            assert_eq!(
+                forwarded_client(&request_with(headers)),
+                *expected,
+                "{headers:?}"
+            );
+        }
     }
 }

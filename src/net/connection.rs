@@ -67,6 +67,8 @@ pub enum CloseReason {
     Shutdown,
     /// A handler callback panicked.
     HandlerPanic,
+    /// The TLS handshake or a record failed (including plain text on the TLS port).
+    Tls,
 }
 
 impl CloseReason {
@@ -81,6 +83,7 @@ impl CloseReason {
             CloseReason::LingerTimeout => "linger_timeout",
             CloseReason::Shutdown => "shutdown",
             CloseReason::HandlerPanic => "handler_panic",
+            CloseReason::Tls => "tls_error",
         }
     }
 }
@@ -121,7 +124,9 @@ pub struct Connection {
 }
 
 /// Bytes of loop state per connection: 128 before permessage-deflate; its one byte
-/// (`compressed_window_bits`) costs a word of alignment. Raise only with a reason.
+/// (`compressed_window_bits`) costs a word of alignment. TLS sessions (`EventLoop::tls_sessions`)
+/// and proxied clients' addresses (`Core::proxied_clients`) live beside the slab, so a plain,
+/// direct connection carries no state for either. Raise only with a reason.
 const CONNECTION_BYTES_MAX: usize = 136;
 const _: () = assert!(std::mem::size_of::<Connection>() <= CONNECTION_BYTES_MAX);
 

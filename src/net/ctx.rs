@@ -29,11 +29,21 @@ pub(super) struct Core {
     pub(super) drain_list: Vec<ConnId>,
     pub(super) timers: TimerWheel,
     pub(super) per_ip: HashMap<IpAddr, u32>,
+    /// Connections from a trusted proxy attributed to a client (`Ctx::set_client_ip`), by slab
+    /// index: they are counted in `per_ip` under this address, not the proxy's. Beside the slab
+    /// so that direct connections carry nothing for it. Entries go when the connection is reaped.
+    pub(super) proxied_clients: HashMap<u32, IpAddr>,
     pub(super) stats: LoopStats,
     pub(super) stopping: bool,
     /// When each refused-accept cause (see `AcceptRefusal`) was last logged.
     pub(super) last_limit_log_ms: [u64; 3],
     pub(super) outbound: OutboundSet,
+}
+
+/// A client address is at `connections_per_ip_max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PerIpLimit {
+    pub max: usize,
 }
 
 /// The handler's view of the loop during a callback.
@@ -70,9 +80,66 @@ impl Ctx<'_> {
         self.conn(id).is_some_and(|c| c.state == ConnState::Open)
     }
 
+    /// The client's address: the socket's peer, or for a connection from a trusted proxy the
+    /// client the proxy named (its port is unknown: 0).
     pub fn peer(&self, id: ConnId) -> Option<SocketAddr> {
+        let conn = self.conn(id)?;
+        match self.core.proxied_clients.get(&id.index) {
+            Some(&client) => Some(SocketAddr::new(client, 0)),
+            None => Some(SocketAddr::new(conn.peer_ip, conn.peer_port)),
+        }
+    }
+
+    /// The socket's own peer (for a proxied connection: the proxy).
+    pub fn socket_peer(&self, id: ConnId) -> Option<SocketAddr> {
         self.conn(id)
             .map(|c| SocketAddr::new(c.peer_ip, c.peer_port))
+    }
+
+    /// The connection's socket peer is a `--trusted-proxy`, so the client it names in the
+    /// request head may be believed.
+    pub fn via_trusted_proxy(&self, id: ConnId) -> bool {
+        let proxies = &self.core.limits.trusted_proxies;
+        !proxies.is_empty() && self.conn(id).is_some_and(|c| proxies.contains(&c.peer_ip))
+    }
+
+    /// Attributes a proxied connection to `client`, the address its proxy named: the per-IP
+    /// count moves from the previous address to it, and [`Ctx::peer`] (hence every log line)
+    /// reports it. `Err` when `client` already holds its per-IP share of connections; the
+    /// connection then stays counted as it was (the handler refuses the request).
+    pub fn set_client_ip(&mut self, id: ConnId, client: IpAddr) -> Result<(), PerIpLimit> {
+        let core = &mut *self.core;
+        let Some(conn) = live_mut(self.conns, id) else {
+            return Ok(());
+        };
+        let counted = core
+            .proxied_clients
+            .get(&id.index)
+            .copied()
+            .unwrap_or(conn.peer_ip);
+        if counted == client {
+            return Ok(());
+        }
+        let held = core.per_ip.get(&client).copied().unwrap_or(0);
+        if held as usize >= core.limits.connections_per_ip_max {
+            core.stats.rejected_per_ip_total += 1;
+            return Err(PerIpLimit {
+                max: core.limits.connections_per_ip_max,
+            });
+        }
+        if let Some(count) = core.per_ip.get_mut(&counted) {
+            *count -= 1;
+            if *count == 0 {
+                core.per_ip.remove(&counted);
+            }
+        }
+        *core.per_ip.entry(client).or_insert(0) += 1;
+        if client == conn.peer_ip {
+            core.proxied_clients.remove(&id.index);
+        } else {
+            core.proxied_clients.insert(id.index, client);
+        }
+        Ok(())
     }
 
     pub fn queued_bytes(&self, id: ConnId) -> usize {

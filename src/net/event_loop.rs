@@ -23,6 +23,7 @@ use super::ctx::{mark_closed, Core, Ctx};
 use super::handler::{Handler, LoopStats, Pressure};
 use super::send_queue::Flushed;
 use super::timer::{Entry, TimerWheel, TICK_MS};
+use super::tls::{TlsAcceptor, TlsSession};
 use crate::config::{Limits, READ_CHUNK_BYTES};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -67,6 +68,13 @@ pub struct EventLoop<H: Handler> {
     ready: Vec<(Token, bool, bool)>,
     /// When to try accepting again after a failed accept.
     accept_retry_at_ms: Option<u64>,
+    /// Set when the listener speaks TLS: every accepted connection gets a session from it.
+    tls: Option<TlsAcceptor>,
+    /// Each TLS connection's session, by slab index (`None` for free slots). Beside the slab
+    /// rather than in `Connection`, so that a plain server's connections carry no TLS state at
+    /// all; empty unless the listener speaks TLS. A rustls session is about a kilobyte: boxed.
+    /// INVARIANT: `tls_sessions[i]` is `Some` exactly while slot `i` holds a TLS connection.
+    tls_sessions: Vec<Option<Box<TlsSession>>>,
     handler: H,
 }
 
@@ -131,6 +139,7 @@ impl<H: Handler> EventLoop<H> {
                 drain_list: Vec::new(),
                 timers: TimerWheel::new(),
                 per_ip: HashMap::new(),
+                proxied_clients: HashMap::new(),
                 stats: LoopStats::default(),
                 stopping: false,
                 last_limit_log_ms: [0; 3],
@@ -140,12 +149,19 @@ impl<H: Handler> EventLoop<H> {
             timer_out: Vec::new(),
             ready: Vec::with_capacity(EVENTS_PER_POLL_MAX),
             accept_retry_at_ms: None,
+            tls: None,
+            tls_sessions: Vec::new(),
             handler,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// From now on the listener speaks TLS (HTTPS and `wss://` on the one port).
+    pub fn set_tls(&mut self, acceptor: TlsAcceptor) {
+        self.tls = Some(acceptor);
     }
 
     pub fn waker(&self) -> Arc<Waker> {
@@ -371,8 +387,11 @@ impl<H: Handler> EventLoop<H> {
             return; // dropping the stream closes it
         }
         let ip = addr.ip();
+        // A trusted proxy carries many clients: its connections are counted per client once
+        // the request head names one (`Ctx::set_client_ip`), not refused here per proxy.
+        let via_proxy = self.core.limits.trusted_proxies.contains(&ip);
         let per_ip = self.core.per_ip.get(&ip).copied().unwrap_or(0);
-        if per_ip as usize >= self.core.limits.connections_per_ip_max {
+        if !via_proxy && per_ip as usize >= self.core.limits.connections_per_ip_max {
             self.core.stats.rejected_per_ip_total += 1;
             let max = self.core.limits.connections_per_ip_max;
             self.log_limit(
@@ -393,6 +412,14 @@ impl<H: Handler> EventLoop<H> {
                 debug!("SO_SNDBUF failed for {addr}: {e}");
             }
         }
+        let tls = match self.tls.as_ref().map(TlsAcceptor::session) {
+            None => None,
+            Some(Ok(session)) => Some(Box::new(session)),
+            Some(Err(e)) => {
+                warn!("could not start a TLS session for {addr}: {e}");
+                return;
+            }
+        };
         let entry = self.conns.vacant_entry();
         let index = entry.key() as u32;
         if let Err(e) =
@@ -406,6 +433,13 @@ impl<H: Handler> EventLoop<H> {
         let generation = self.core.next_generation;
         self.core.next_generation = self.core.next_generation.wrapping_add(1).max(1);
         entry.insert(Connection::new(stream, generation, ip, addr.port()));
+        if let Some(session) = tls {
+            let slot = index as usize;
+            if self.tls_sessions.len() <= slot {
+                self.tls_sessions.resize_with(slot + 1, || None);
+            }
+            self.tls_sessions[slot] = Some(session);
+        }
         *self.core.per_ip.entry(ip).or_insert(0) += 1;
         self.core.stats.accepted_total += 1;
         let id = ConnId { index, generation };
@@ -427,6 +461,16 @@ impl<H: Handler> EventLoop<H> {
         }
         if signals.reload.swap(false, Ordering::Relaxed) {
             info!("SIGHUP received; reloading");
+            if let Some(tls) = self.tls.as_mut() {
+                // New connections get the new pair; open ones keep theirs.
+                match tls.reload() {
+                    Ok(()) => info!(
+                        "TLS certificate reloaded from {}",
+                        tls.files().cert.display()
+                    ),
+                    Err(e) => error!("TLS certificate reload failed, keeping the old one: {e}"),
+                }
+            }
             self.guarded_global(|h, cx| h.on_reload(cx));
         }
     }
@@ -458,7 +502,20 @@ impl<H: Handler> EventLoop<H> {
                 }
                 _ => {}
             }
-            let result = conn.stream.read(&mut self.read_buf);
+            let tls = tls_session(&mut self.tls_sessions, index);
+            let is_tls = tls.is_some();
+            let result = match tls {
+                None => conn.stream.read(&mut self.read_buf),
+                Some(tls) => {
+                    let result = tls.read(&mut conn.stream, &mut self.read_buf);
+                    // Handshake messages to send: flush even if nothing is queued.
+                    if tls.wants_write() && !conn.flush_pending && !conn.write_registered {
+                        conn.flush_pending = true;
+                        self.core.flush_list.push(index);
+                    }
+                    result
+                }
+            };
             let n = match result {
                 Ok(0) => {
                     let reason = match conn.state {
@@ -474,7 +531,14 @@ impl<H: Handler> EventLoop<H> {
                 Err(e) => {
                     debug!("{id} read error: {e}");
                     let reason = match e.kind() {
-                        io::ErrorKind::ConnectionReset => CloseReason::Peer,
+                        // UnexpectedEof: a TLS peer closed TCP without close_notify.
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof => {
+                            CloseReason::Peer
+                        }
+                        io::ErrorKind::InvalidData if is_tls => {
+                            self.core.stats.tls_failures_total += 1;
+                            CloseReason::Tls
+                        }
                         _ => CloseReason::Io,
                     };
                     mark_closed(&mut self.core, index, conn, reason);
@@ -680,7 +744,14 @@ impl<H: Handler> EventLoop<H> {
             index,
             generation: conn.generation,
         };
-        let outcome = match conn.send_queue.write_to(&mut conn.stream, budget) {
+        let written = match tls_session(&mut self.tls_sessions, index) {
+            None => conn.send_queue.write_to(&mut conn.stream, budget),
+            Some(tls) => {
+                let closing = conn.state == ConnState::Closing;
+                tls.flush(&mut conn.stream, &mut conn.send_queue, budget, closing)
+            }
+        };
+        let outcome = match written {
             Ok((written, outcome)) => {
                 core.stats.bytes_out_total += written as u64;
                 core.stats.writes_total += 1;
@@ -755,13 +826,25 @@ impl<H: Handler> EventLoop<H> {
                 let Some(conn) = self.conns.try_remove(index as usize) else {
                     continue;
                 };
+                if let Some(slot) = self.tls_sessions.get_mut(index as usize) {
+                    *slot = None;
+                }
                 let mut stream = conn.stream;
                 let _ = self.core.registry.deregister(&mut stream);
                 drop(stream);
-                if let Some(count) = self.core.per_ip.get_mut(&conn.peer_ip) {
+                // A proxied connection is counted against the client its proxy named.
+                let counted_ip = match self.core.proxied_clients.is_empty() {
+                    true => conn.peer_ip,
+                    false => self
+                        .core
+                        .proxied_clients
+                        .remove(&index)
+                        .unwrap_or(conn.peer_ip),
+                };
+                if let Some(count) = self.core.per_ip.get_mut(&counted_ip) {
                     *count -= 1;
                     if *count == 0 {
-                        self.core.per_ip.remove(&conn.peer_ip);
+                        self.core.per_ip.remove(&counted_ip);
                     }
                 }
                 self.core.stats.closed_total += 1;
@@ -780,4 +863,11 @@ impl<H: Handler> EventLoop<H> {
             }
         }
     }
+}
+
+/// The TLS session of the connection in slot `index`, if it has one.
+fn tls_session(sessions: &mut [Option<Box<TlsSession>>], index: u32) -> Option<&mut TlsSession> {
+    sessions
+        .get_mut(index as usize)
+        .and_then(|slot| slot.as_deref_mut())
 }

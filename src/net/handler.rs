@@ -82,4 +82,6 @@ pub struct LoopStats {
     pub bytes_out_total: u64,
     pub writes_total: u64,
     pub handler_panics_total: u64,
+    /// TLS connections that failed their handshake or a record (plain text on the TLS port too).
+    pub tls_failures_total: u64,
 }

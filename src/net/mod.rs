@@ -21,10 +21,12 @@ pub mod listener;
 pub mod outbound;
 pub mod send_queue;
 pub mod timer;
+pub mod tls;
 
 pub use connection::{CloseReason, ConnId, ConnState};
-pub use ctx::Ctx;
+pub use ctx::{Ctx, PerIpLimit};
 pub use event_loop::EventLoop;
 pub use handler::{Handler, LoopStats, Pressure, SendStatus};
 pub use outbound::OutboundId;
 pub use send_queue::Frame;
+pub use tls::{TlsAcceptor, TlsError, TlsFiles};

@@ -442,6 +442,13 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "Callbacks that panicked (each closed its connection).",
         l.handler_panics_total,
     );
+    single(
+        &mut out,
+        "stocksync_tls_failures_total",
+        "counter",
+        "TLS connections that failed their handshake or a record (plain text on the TLS port too).",
+        l.tls_failures_total,
+    );
     family(
         &mut out,
         "stocksync_ops_total",

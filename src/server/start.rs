@@ -9,7 +9,7 @@ use crate::cli::{self, Settings};
 use crate::engine::embedded::EmbeddedEngine;
 use crate::engine::redis::{RedisConfig, RedisEngine};
 use crate::engine::Engine;
-use crate::net::EventLoop;
+use crate::net::{EventLoop, TlsAcceptor};
 use crate::stock::{Holds, IdempotencyCache, Store};
 use crate::wal::memory::MemoryLog;
 use crate::wal::Log;
@@ -80,6 +80,11 @@ fn open_engine(
 
 /// `--workers N`: supervises N worker processes instead of serving (see [`super::workers`]).
 pub fn supervise(settings: Settings, args: &[String]) -> Result<(), String> {
+    // Each worker loads the pair itself; checking it here first makes a bad one one clear
+    // error and a non-zero exit, not a loop of workers dying at start.
+    if let Some(files) = settings.tls_files() {
+        TlsAcceptor::load(files).map_err(|e| format!("TLS: {e}"))?;
+    }
     let token = match &settings.write_token {
         Some(token) => token.clone(),
         None => {
@@ -96,6 +101,11 @@ pub fn supervise(settings: Settings, args: &[String]) -> Result<(), String> {
 /// Runs the server until SIGINT/SIGTERM. Errors are for the operator (bad data dir, port in
 /// use); the process exits non-zero with them.
 pub fn run(settings: Settings) -> Result<(), String> {
+    // Before anything is opened: a bad pair is the operator's to fix, and exits non-zero.
+    let tls = match settings.tls_files() {
+        Some(files) => Some(TlsAcceptor::load(files).map_err(|e| format!("TLS: {e}"))?),
+        None => None,
+    };
     let write_token = match &settings.write_token {
         Some(secret) => Token {
             name: "write-token".into(),
@@ -129,6 +139,14 @@ pub fn run(settings: Settings) -> Result<(), String> {
         Protocol::new(StockService::new(service_config, engine), &limits)
     })
     .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    if let Some(tls) = tls {
+        info!(
+            "TLS on: certificate {}, key {}",
+            tls.files().cert.display(),
+            tls.files().key.display()
+        );
+        event_loop.set_tls(tls);
+    }
     event_loop
         .handle_signals()
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;

@@ -16,6 +16,7 @@ use tungstenite::stream::MaybeTlsStream;
 use tungstenite::WebSocket;
 
 pub mod redis;
+pub mod tls;
 pub mod watch;
 
 pub type Ws = WebSocket<MaybeTlsStream<TcpStream>>;
