@@ -40,8 +40,9 @@ pub const FLAGS: &[&str] = &[
 ];
 
 /// `--subscribe-sku`: subscribers subscribe to `--sku` only instead of `*` (several tool
-/// processes, each with its own SKU, on one inventory).
-pub const SWITCHES: &[&str] = &["subscribe-sku"];
+/// processes, each with its own SKU, on one inventory). `--deflate`: every connection offers
+/// permessage-deflate (compressed messages are inflated before they are read).
+pub const SWITCHES: &[&str] = &["subscribe-sku", "deflate"];
 
 /// Send times and completion counts are kept for the last RING updates: far more than can be
 /// in flight (a window of W, or R x the worst latency in rate mode).
@@ -208,6 +209,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
     let settings = settings(args)?;
     let cpu_at_start = stats::own_cpu();
     let mut looper = Looper::new()?;
+    looper.offer_deflate = args.switch("deflate");
     let mut conns: Vec<Conn<Peer>> = Vec::with_capacity(settings.subscribers + settings.publishers);
     let mut measure = Measure {
         t0: Instant::now(),
@@ -487,6 +489,8 @@ pub fn run(args: &Args) -> Result<Value, String> {
         "latency_us": stats::latency_summary_us(&measure.histogram),
         "tool_cpu": cpu,
         "closes": looper.closes.to_json(),
+        "deflate": looper.deflate_json(),
+        "bytes_read": looper.bytes_read,
         "progress": progress,
     }))
 }

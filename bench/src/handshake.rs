@@ -76,7 +76,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
                 failed += 1;
                 continue;
             }
-            *slot = Some((Conn::new(stream, &host, &path, ()), Instant::now()));
+            *slot = Some((Conn::new(stream, &host, &path, false, ()), Instant::now()));
         }
         if slots.iter().all(Option::is_none) {
             break;
@@ -94,7 +94,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
             let Some(Some((conn, opened_at))) = slots.get_mut(index) else {
                 continue;
             };
-            let pumped = conn.pump(&mut looper.buf, |_, _, _, _| {});
+            let pumped = conn.pump(&mut looper.buf, &mut looper.inflater, |_, _, _, _| {});
             let finished = if pumped.opened {
                 let _ = histogram.record((opened_at.elapsed().as_nanos() as u64).max(1));
                 done += 1;

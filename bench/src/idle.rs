@@ -28,7 +28,8 @@ pub const FLAGS: &[&str] = &[
     "connect-concurrency",
     "duration",
 ];
-pub const SWITCHES: &[&str] = &["no-subscribe"];
+/// `--deflate`: every connection offers permessage-deflate.
+pub const SWITCHES: &[&str] = &["no-subscribe", "deflate"];
 
 pub fn run(args: &Args) -> Result<Value, String> {
     let target = crate::target(args)?;
@@ -46,6 +47,7 @@ pub fn run(args: &Args) -> Result<Value, String> {
 
     let rss_before = stats::resident_bytes_sum(&pids);
     let mut looper = Looper::new()?;
+    looper.offer_deflate = args.switch("deflate");
     let mut conns: Vec<Conn<()>> = Vec::with_capacity(count);
     let subscribe_frame = wire::subscribe_all_frame([9, 8, 7, 6]);
     let opened = pool::open_many(
@@ -101,6 +103,8 @@ pub fn run(args: &Args) -> Result<Value, String> {
         "server_bytes_per_connection": bytes_per_connection.map(|bytes| bytes.round()),
         "tool_cpu": stats::cpu_report(cpu_at_start, opened.elapsed + settle + hold),
         "closes": looper.closes.to_json(),
+        "deflate": looper.deflate_json(),
+        "bytes_read": looper.bytes_read,
     }))
 }
 

@@ -44,6 +44,9 @@ common flags:
   --connect-concurrency 256  connects/handshakes in flight
   --output FILE           also write the JSON summary to FILE
   --tls                   connect with TLS (wss://; the certificate is not verified)
+  --deflate               (fanout, idle) offer permessage-deflate; compressed messages are
+                          inflated before they are read; the summary's `deflate` part says how
+                          many connections agreed and how many messages came compressed
 
 One source address gives about 28,000 ephemeral ports, and a process may have 20,000 open
 files here: above ~19,000 connections run several processes with different --source-first.

@@ -6,6 +6,12 @@
 //! socket was drained at that instant (new data raises a new edge), so `pump` reads again only
 //! when a read filled the whole buffer. All connections share one big read buffer; a connection
 //! keeps bytes of its own (`pending_in`) only while a partial frame or response head exists.
+//!
+//! With `--deflate` a connection offers permessage-deflate; a compressed (RSV1) text message is
+//! inflated before `on_text` sees it, through one inflater the loop shares when the server resets
+//! its compressor per message (`server_no_context_takeover`, what stocksync always answers), else
+//! through the connection's own. A plain frame costs one bit test more than before. The server
+//! does not fragment its messages, so a compressed message is one frame (FIN set).
 
 use crate::wire::{self, NextFrame, ResponseHead};
 use mio::net::TcpStream;
@@ -165,6 +171,20 @@ pub enum CloseReason {
     CloseFrame,
     /// EOF or a socket error.
     Dropped,
+    /// The server's extension answer, or a compressed frame, broke RFC 7692 (or did not inflate).
+    BadDeflate,
+}
+
+/// A connection's permessage-deflate state.
+pub enum Deflate {
+    /// Not offered, or declined by the server.
+    Off,
+    /// In the upgrade request; the answer is not read yet.
+    Offered,
+    /// Agreed, server resets per message: the loop's shared inflater does.
+    Shared,
+    /// Agreed with context takeover: this connection's own inflater, kept across messages.
+    Own(Box<flate2::Decompress>),
 }
 
 pub struct Conn<S> {
@@ -177,6 +197,7 @@ pub struct Conn<S> {
     pub out: Vec<u8>,
     /// The TLS session with `--tls`.
     tls: Option<Box<ClientConnection>>,
+    pub deflate: Deflate,
     pub state: S,
 }
 
@@ -186,16 +207,30 @@ pub struct Pumped {
     /// The upgrade completed during this call.
     pub opened: bool,
     pub closed: Option<CloseReason>,
+    /// Bytes read from the socket (response head and frames, as on the wire).
+    pub bytes_read: u64,
 }
 
 impl<S> Conn<S> {
-    /// A connection whose first write will be the upgrade request for `path`.
-    pub fn new(stream: TcpStream, host: &str, path: &str, state: S) -> Conn<S> {
+    /// A connection whose first write will be the upgrade request for `path`, offering
+    /// permessage-deflate when `offer_deflate`.
+    pub fn new(
+        stream: TcpStream,
+        host: &str,
+        path: &str,
+        offer_deflate: bool,
+        state: S,
+    ) -> Conn<S> {
         Conn {
             stream,
             phase: Phase::Connecting,
             pending_in: Vec::new(),
-            out: wire::upgrade_request(host, path),
+            out: wire::upgrade_request(host, path, offer_deflate),
+            deflate: if offer_deflate {
+                Deflate::Offered
+            } else {
+                Deflate::Off
+            },
             tls: TLS.get().map(|config| {
                 let name = ServerName::try_from("localhost").expect("a valid DNS name");
                 Box::new(
@@ -245,6 +280,11 @@ impl<S> Conn<S> {
         }
     }
 
+    /// Whether the server agreed to permessage-deflate.
+    pub fn deflate_negotiated(&self) -> bool {
+        matches!(self.deflate, Deflate::Shared | Deflate::Own(_))
+    }
+
     /// Writes `out` until it is empty or the socket would block.
     pub fn flush(&mut self) -> io::Result<()> {
         if let Some(tls) = self.tls.as_mut() {
@@ -269,10 +309,12 @@ impl<S> Conn<S> {
     }
 
     /// Handles one readiness event: finishes the connect, flushes, reads everything available
-    /// and hands each text frame to `on_text(state, out, payload, read_at)`. Pings are answered.
+    /// and hands each text message to `on_text(state, out, payload, read_at)`, inflated when it
+    /// came compressed (through `inflater`). Pings are answered.
     pub fn pump(
         &mut self,
         buf: &mut Vec<u8>,
+        inflater: &mut wire::Inflater,
         mut on_text: impl FnMut(&mut S, &mut Vec<u8>, &[u8], Instant),
     ) -> Pumped {
         let mut pumped = Pumped::default();
@@ -317,6 +359,7 @@ impl<S> Conn<S> {
                 Err(_) => return self.close(pumped, CloseReason::Dropped),
             };
             let read_at = Instant::now();
+            pumped.bytes_read += read as u64;
             let filled = kept + read;
             let mut at = 0;
             if self.phase == Phase::Handshaking {
@@ -329,6 +372,18 @@ impl<S> Conn<S> {
                         return self.close(pumped, CloseReason::Refused(status));
                     }
                     ResponseHead::Upgraded(head_bytes) => {
+                        let offered = matches!(self.deflate, Deflate::Offered);
+                        self.deflate = match wire::deflate_answer(&buf[..head_bytes], offered) {
+                            Ok(None) => Deflate::Off,
+                            Ok(Some(answer)) if answer.server_no_context_takeover => {
+                                Deflate::Shared
+                            }
+                            Ok(Some(_)) => Deflate::Own(Box::new(flate2::Decompress::new(false))),
+                            Err(error) => {
+                                eprintln!("upgrade answer: {error}");
+                                return self.close(pumped, CloseReason::BadDeflate);
+                            }
+                        };
                         self.phase = Phase::Open;
                         pumped.opened = true;
                         at = head_bytes;
@@ -337,8 +392,24 @@ impl<S> Conn<S> {
             }
             while let NextFrame::Complete(frame, used) = wire::next_frame(&buf[at..filled]) {
                 match frame.opcode {
-                    wire::OPCODE_TEXT => {
+                    wire::OPCODE_TEXT if !frame.compressed => {
                         on_text(&mut self.state, &mut self.out, frame.payload, read_at)
+                    }
+                    wire::OPCODE_TEXT => {
+                        let context = match &mut self.deflate {
+                            Deflate::Shared => None,
+                            Deflate::Own(own) => Some(&mut **own),
+                            Deflate::Off | Deflate::Offered => {
+                                return self.close(pumped, CloseReason::BadDeflate)
+                            }
+                        };
+                        match inflater.inflate(context, frame.payload) {
+                            Ok(text) => on_text(&mut self.state, &mut self.out, text, read_at),
+                            Err(error) => {
+                                eprintln!("{error}");
+                                return self.close(pumped, CloseReason::BadDeflate);
+                            }
+                        }
                     }
                     wire::OPCODE_PING => {
                         wire::encode_client_frame(&mut self.out, 0xA, frame.payload, [7, 7, 7, 7]);
@@ -364,6 +435,7 @@ impl<S> Conn<S> {
         self.phase = Phase::Closed;
         self.pending_in = Vec::new();
         self.out = Vec::new();
+        self.deflate = Deflate::Off;
         pumped.closed = Some(reason);
         pumped
     }
@@ -390,6 +462,7 @@ pub struct CloseCounts {
     pub refused: u64,
     pub close_frame: u64,
     pub dropped: u64,
+    pub bad_deflate: u64,
     pub last_refused_status: u16,
 }
 
@@ -403,11 +476,12 @@ impl CloseCounts {
             }
             CloseReason::CloseFrame => self.close_frame += 1,
             CloseReason::Dropped => self.dropped += 1,
+            CloseReason::BadDeflate => self.bad_deflate += 1,
         }
     }
 
     pub fn total(&self) -> u64 {
-        self.connect_failed + self.refused + self.close_frame + self.dropped
+        self.connect_failed + self.refused + self.close_frame + self.dropped + self.bad_deflate
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -417,6 +491,7 @@ impl CloseCounts {
             "last_refused_status": self.last_refused_status,
             "closed_by_server": self.close_frame,
             "dropped": self.dropped,
+            "bad_deflate": self.bad_deflate,
         })
     }
 }

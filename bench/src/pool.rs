@@ -2,6 +2,7 @@
 //! A connection's mio token is its index in the `conns` vector, so lookup is an index, not a hash.
 
 use crate::net::{self, CloseCounts, Conn, Phase, Target};
+use crate::wire;
 use mio::{Events, Interest, Poll, Token};
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,13 @@ pub struct Looper {
     pub events: Events,
     pub buf: Vec<u8>,
     pub closes: CloseCounts,
+    /// `--deflate`: connections started from now on offer permessage-deflate.
+    pub offer_deflate: bool,
+    /// Connections the server agreed permessage-deflate with.
+    pub deflate_negotiated: u64,
+    pub inflater: wire::Inflater,
+    /// Bytes read from every socket, as on the wire.
+    pub bytes_read: u64,
 }
 
 impl Looper {
@@ -20,6 +28,21 @@ impl Looper {
             events: Events::with_capacity(4096),
             buf: vec![0; net::READ_BUFFER_BYTES],
             closes: CloseCounts::default(),
+            offer_deflate: false,
+            deflate_negotiated: 0,
+            inflater: wire::Inflater::default(),
+            bytes_read: 0,
+        })
+    }
+
+    /// The summary's `deflate` part: what was agreed and what came compressed.
+    pub fn deflate_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "offered": self.offer_deflate,
+            "negotiated": self.deflate_negotiated,
+            "compressed_messages": self.inflater.messages,
+            "compressed_bytes": self.inflater.compressed_bytes,
+            "inflated_bytes": self.inflater.inflated_bytes,
         })
     }
 
@@ -42,9 +65,11 @@ impl Looper {
             let Some(conn) = conns.get_mut(event.token().0) else {
                 continue;
             };
-            let pumped = conn.pump(&mut self.buf, &mut on_text);
+            let pumped = conn.pump(&mut self.buf, &mut self.inflater, &mut on_text);
+            self.bytes_read += pumped.bytes_read;
             if pumped.opened {
                 opened += 1;
+                self.deflate_negotiated += u64::from(conn.deflate_negotiated());
                 on_open(conn);
                 if !conn.out.is_empty() && conn.flush().is_err() {
                     conn.phase = Phase::Closed;
@@ -78,7 +103,7 @@ impl Looper {
                 return false;
             }
         };
-        let mut conn = Conn::new(stream, &target.host(), path, state);
+        let mut conn = Conn::new(stream, &target.host(), path, self.offer_deflate, state);
         let token = Token(conns.len());
         let interest = Interest::READABLE | Interest::WRITABLE;
         if let Err(error) = self
