@@ -473,18 +473,8 @@ impl RedisEngine {
 
     /// The command link failed: every write in flight has an unknown outcome.
     fn cmd_down(&mut self, cx: &mut Ctx<'_>, why: String) {
-        if let Some(link) = self.cmd.take() {
-            // Only a link that was up is news; failed attempts while Redis stays away are not
-            // (the reason is in /healthz), so the log is not flooded at every backoff step.
-            if link.is_connected() {
-                warn!("Redis command link lost: {why}");
-                self.stats.reconnects_total += 1;
-            } else {
-                log::debug!("Redis command link attempt failed: {why}");
-            }
-            link.close(cx);
-        }
-        self.last_error = Some(why);
+        let link = self.cmd.take();
+        self.drop_link(cx, link, "command link", why);
         let retry_at_ms = self.now_ms + self.backoff_ms();
         self.cmd_state = LinkState::Down { retry_at_ms };
         self.catch_up_in_flight = false;
@@ -515,21 +505,29 @@ impl RedisEngine {
     }
 
     fn feed_down(&mut self, cx: &mut Ctx<'_>, why: String) {
-        if let Some(link) = self.feed.take() {
-            if link.is_connected() {
-                warn!("Redis change feed lost: {why}");
-                self.stats.reconnects_total += 1;
-            } else {
-                log::debug!("Redis change feed attempt failed: {why}");
-            }
-            link.close(cx);
-        }
-        self.last_error = Some(why);
+        let link = self.feed.take();
+        self.drop_link(cx, link, "change feed", why);
         let retry_at_ms = self.now_ms + self.backoff_ms();
         self.feed_state = LinkState::Down { retry_at_ms };
         self.feed_subscribed = false;
         self.feed_seq = None;
         self.catch_up_needed = true;
+    }
+
+    /// Closes a lost link and records why. Only a link that was up is news: failed attempts
+    /// while Redis stays away are not (the reason is in /healthz), so the log is not flooded
+    /// at every backoff step.
+    fn drop_link(&mut self, cx: &mut Ctx<'_>, link: Option<Link>, what: &str, why: String) {
+        if let Some(link) = link {
+            if link.is_connected() {
+                warn!("Redis {what} lost: {why}");
+                self.stats.reconnects_total += 1;
+            } else {
+                log::debug!("Redis {what} attempt failed: {why}");
+            }
+            link.close(cx);
+        }
+        self.last_error = Some(why);
     }
 
     fn flush_links(&mut self, cx: &mut Ctx<'_>) {
