@@ -271,7 +271,11 @@ impl StockService {
                         id,
                         names,
                         all_known,
-                    } => self.states_frame(kind, id.as_ref(), &names, all_known),
+                    } => {
+                        let snapshot = super::snapshot::Snapshot::new(kind, id, names, all_known);
+                        self.start_snapshot(cx, to, snapshot);
+                        return;
+                    }
                     Body::Build(build) => build(self),
                 };
                 cx.send(to, frame);
@@ -344,32 +348,6 @@ impl StockService {
             // Keeps every connection's view in order: gathered updates first.
             self.flush_wildcard_batch(cx);
             self.fanout.deliver(cx, &self.subs, sku, &frame);
-        }
-    }
-
-    /// A reply carrying the visible state of `skus` (or of every known SKU).
-    pub(super) fn states_frame(
-        &self,
-        kind: &str,
-        id: Option<&Value>,
-        names: &[String],
-        all_known: bool,
-    ) -> Frame {
-        if all_known {
-            let skus = self.engine.skus();
-            let states = skus
-                .known()
-                .map(|(sku, _)| (skus.name(sku), self.visible(sku)))
-                .filter(|(_, stock)| stock.version > 0);
-            reply::with_states(kind, id, states)
-        } else {
-            reply::with_states(
-                kind,
-                id,
-                names
-                    .iter()
-                    .map(|name| (name.as_str(), self.visible_by_name(name))),
-            )
         }
     }
 }

@@ -17,6 +17,7 @@ mod commit;
 mod durable;
 mod http_api;
 pub mod metrics;
+mod snapshot;
 pub mod start;
 pub mod workers;
 mod ws_api;
@@ -96,6 +97,8 @@ struct Session {
     window_writes: u32,
     /// Name of the token the WebSocket handshake presented (for the per-token rate limit).
     token: Option<String>,
+    /// Snapshot replies being sent in chunks, the first one in progress.
+    snapshots: snapshot::Snapshots,
 }
 
 pub struct StockService {
@@ -246,8 +249,8 @@ impl StockService {
             });
             return;
         }
-        let frame = self.states_frame(kind, request_id.as_ref(), &names, all_known);
-        cx.send(id, frame);
+        let snapshot = snapshot::Snapshot::new(kind, request_id, names, all_known);
+        self.start_snapshot(cx, id, snapshot);
     }
 
     /// Drops SKUs that nobody references and that were never written (reads and subscriptions
@@ -307,6 +310,11 @@ impl Service for StockService {
         let mut released = std::mem::take(&mut self.released);
         self.subs.remove_conn(id, &mut released);
         self.fanout.remove_conn(id);
+        if let Some(session) = self.sessions.get_mut(id.index as usize) {
+            if session.generation == id.generation {
+                session.snapshots = snapshot::Snapshots::new();
+            }
+        }
         self.forget_unused(released.drain(..));
         self.released = released;
     }
@@ -326,13 +334,17 @@ impl Service for StockService {
     }
 
     fn on_buffer_drain(&mut self, cx: &mut Ctx<'_>, id: ConnId) {
-        if !self.fanout.has_pending(id) {
-            return;
+        // Conflated updates first (they stop as soon as the connection is full again), then
+        // the next snapshot chunk, which is a reply and always goes.
+        if self.fanout.has_pending(id) {
+            let engine = self.engine.as_ref();
+            self.fanout.drain(cx, &self.subs, id, |sku| {
+                crate::api::reply::stock_update(engine.skus().name(sku), engine.visible(sku))
+            });
         }
-        let engine = self.engine.as_ref();
-        self.fanout.drain(cx, &self.subs, id, |sku| {
-            crate::api::reply::stock_update(engine.skus().name(sku), engine.visible(sku))
-        });
+        if self.snapshot_pending(id) {
+            self.send_next_chunk(cx, id);
+        }
     }
 
     fn on_wake(&mut self, cx: &mut Ctx<'_>) {
