@@ -139,16 +139,28 @@ const FLAGS: &[Flag] = &[
         help: "SKUs one connection may subscribe to (default 10000)",
     },
     Flag {
+        name: "--max-skus",
+        env: "STOCKSYNC_MAX_SKUS",
+        value: "N",
+        help: "distinct SKUs; a write creating one past it gets `too_large` (default 1000000)",
+    },
+    Flag {
+        name: "--max-writes-in-flight",
+        env: "STOCKSYNC_MAX_WRITES_IN_FLIGHT",
+        value: "N",
+        help: "writes one connection may have waiting for the log or Redis; past it the connection is not read until they drain (default 256)",
+    },
+    Flag {
         name: "--write-rate",
         env: "STOCKSYNC_WRITE_RATE",
         value: "N",
-        help: "writes per second per connection, 0 = unlimited (default 0)",
+        help: "write messages per second per connection (a batch counts once), 0 = unlimited (default 0)",
     },
     Flag {
         name: "--token-write-rate",
         env: "STOCKSYNC_TOKEN_WRITE_RATE",
         value: "N",
-        help: "writes per second per token over all its connections, 0 = unlimited (default 0)",
+        help: "write messages per second per token over all its connections (a batch counts once), 0 = unlimited (default 0)",
     },
     Flag {
         name: "--idempotency-keys-max",
@@ -368,6 +380,10 @@ impl Settings {
             "--compression" => self.limits.ws_compression = parse_bool(name, value)?,
             "--max-subscriptions" => {
                 self.service.subscriptions_per_conn_max = parse_number(name, value)?
+            }
+            "--max-skus" => self.service.skus_max = parse_number(name, value)?,
+            "--max-writes-in-flight" => {
+                self.service.writes_in_flight_per_conn_max = parse_number(name, value)?
             }
             "--write-rate" => self.service.writes_per_conn_per_sec = parse_number(name, value)?,
             "--token-write-rate" => {

@@ -302,6 +302,27 @@ impl StockService {
             writes_refused: status.refusing.is_some(),
             uptime_seconds: self.uptime_secs(cx),
         });
+        metrics::single(
+            &mut text,
+            "stocksync_outbox_entries",
+            "gauge",
+            "Writes in flight and the replies queued behind them.",
+            self.outbox.len(),
+        );
+        metrics::single(
+            &mut text,
+            "stocksync_outbox_entries_peak",
+            "gauge",
+            "Most outbox entries at once since start.",
+            self.metrics.outbox_entries_peak,
+        );
+        metrics::single(
+            &mut text,
+            "stocksync_connections_held",
+            "gauge",
+            "Connections not read because their writes in flight are at the bound.",
+            self.held.len(),
+        );
         self.engine.render_metrics(&mut text);
         text
     }
