@@ -410,11 +410,14 @@ impl Service for StockService {
         let Some(path) = self.config.tokens_file.clone() else {
             return;
         };
-        match start::load_tokens(None, Some(&path)) {
-            Ok(file_tokens) => {
-                let mut tokens = self.config.fixed_tokens.clone();
-                let count = file_tokens.len();
-                tokens.extend(file_tokens);
+        let loaded = start::load_tokens(None, Some(&path)).and_then(|file_tokens| {
+            let count = file_tokens.len();
+            let mut tokens = self.config.fixed_tokens.clone();
+            tokens.extend(file_tokens);
+            auth::check_distinct_secrets(&tokens).map(|()| (tokens, count))
+        });
+        match loaded {
+            Ok((tokens, count)) => {
                 let before = std::mem::replace(&mut self.config.access.tokens, tokens);
                 info!("tokens reloaded: {count} from {}", path.display());
                 self.revoke_sessions(cx, &before);

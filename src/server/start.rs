@@ -27,6 +27,7 @@ pub fn load_tokens(
             cli::read_tokens(&text).map_err(|e| format!("tokens file {}: {e}", path.display()))?,
         );
     }
+    super::auth::check_distinct_secrets(&tokens)?;
     Ok(tokens)
 }
 
