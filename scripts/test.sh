@@ -36,4 +36,5 @@ cargo test --workspace
 # embedded-only suites, wal_* and the in-process ones, stay out).
 STOCKSYNC_TEST_ENGINE=redis cargo test --test stock_ws --test stock_errors \
     --test stock_concurrency --test stock_model --test http_api --test access --test limits \
-    --test ordering --test slow_consumer --test metrics --test shutdown --test smoke
+    --test ordering --test slow_consumer --test metrics --test shutdown --test smoke \
+    --test snapshot_chunks --test server_limits --test strict_edge
