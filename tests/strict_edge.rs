@@ -111,6 +111,11 @@ fn websocket_messages_table() {
             "ack",
             Some(json!(2)),
         ),
+        (
+            json!({"type":"stock_update","id":3,"idempotency_key":null,"stock":{"id":"a","action":"set","quantity":1}}),
+            "bad_request",
+            Some(json!(3)),
+        ),
     ];
     for (message, expected, id) in table {
         let reply = request(&mut ws, message.clone());

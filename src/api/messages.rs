@@ -321,7 +321,9 @@ fn integer(value: &Value) -> Option<i128> {
 
 pub fn parse_key(value: Option<&Value>) -> Result<Option<String>, ApiError> {
     match value {
-        None | Some(Value::Null) => Ok(None),
+        // `null` is not "no key", as with `if_version`: a client that meant to send a key and
+        // sent none would have its retry applied twice.
+        None => Ok(None),
         Some(Value::String(key)) if key_is_valid(key) => Ok(Some(key.clone())),
         Some(_) => Err(ApiError::bad_request(
             "`idempotency_key` must be a string of 1 to 128 bytes",
