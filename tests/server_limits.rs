@@ -155,3 +155,29 @@ fn pipelining_writer_during_slow_syncs_is_held_to_its_writes_in_flight() {
     eprintln!("unbounded: outbox peak {peak}, RSS +{growth_kb} kB, {acks} acks");
     assert!(peak > 5_000, "outbox peak {peak} without the bound");
 }
+
+/// Writes in flight at once: the embedded store counts them as they are submitted, the Redis
+/// engine's script counts them with HLEN (its replica only learns of them later). Either way
+/// exactly `--max-skus` of them create SKUs.
+#[test]
+fn pipelined_creates_never_pass_max_skus() {
+    let server = Server::start(&["--max-skus", "3"]);
+    let mut ws = server.writer();
+    for i in 0..10 {
+        send(
+            &mut ws,
+            json!({"type":"stock_update","id":i,"stock":{"id":format!("new-{i}"),"action":"set","quantity":1}}),
+        );
+    }
+    let mut acks = 0;
+    for _ in 0..10 {
+        let reply = recv(&mut ws);
+        match reply["type"].as_str() {
+            Some("ack") => acks += 1,
+            _ => assert_eq!(reply["code"], "too_large", "{reply}"),
+        }
+    }
+    assert_eq!(acks, 3);
+    let (_, health) = server.healthz();
+    assert_eq!(health["store"]["skus"], 3, "{health}");
+}

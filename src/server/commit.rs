@@ -207,8 +207,8 @@ impl StockService {
 
     /// `--max-skus`: refuses a write that would create SKUs past the limit. Counted against
     /// the engine's store, which for the embedded engine already holds the writes in flight
-    /// (it runs ahead of what is visible), and for Redis is this process's replica (see
-    /// `ServiceConfig::skus_max` for what that allows across processes).
+    /// (it runs ahead of what is visible), and for Redis is this process's replica, which may
+    /// lag: the Redis write script checks again, exactly (`scripts::WRITE`).
     fn check_skus_max(&self, req: &WriteRequest) -> Result<(), ApiError> {
         let skus = self.engine.skus();
         let mut new: Vec<&str> = req

@@ -41,6 +41,7 @@ fn open_engine(
             url: url.clone(),
             prefix: settings.redis_prefix.clone(),
             idempotency_ttl_secs: service_config.idempotency_ttl_secs,
+            skus_max: service_config.skus_max,
         })?;
         info!(
             "Redis engine ready: {} SKUs in the replica, prefix {}",

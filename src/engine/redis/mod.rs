@@ -72,6 +72,8 @@ pub struct RedisConfig {
     pub url: RedisUrl,
     pub prefix: String,
     pub idempotency_ttl_secs: u64,
+    /// `--max-skus`, enforced by the write script across every process (0 = none).
+    pub skus_max: usize,
 }
 
 /// One chunk of a catch-up reply ([`scripts::CHANGES_SINCE`]).
@@ -705,6 +707,17 @@ impl RedisEngine {
                 }
                 self.resolve(write.ticket, outcome);
             }
+            "full" => {
+                let error = ApiError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "the inventory holds its maximum of {} SKUs; this write would add more",
+                        self.config.skus_max
+                    ),
+                );
+                let release = write.ops.iter().map(|op| op.sku).collect();
+                self.resolve(write.ticket, Outcome::Refused { error, release });
+            }
             "mismatch" => {
                 let error =
                     ApiError::bad_request("idempotency key already used for a different request");
@@ -932,7 +945,7 @@ impl RedisEngine {
     }
 
     fn write_args(&self, req: &WriteRequest, fingerprint: u64) -> Result<Vec<String>, String> {
-        let mut args = Vec::with_capacity(11 + 4 * req.ops.len());
+        let mut args = Vec::with_capacity(12 + 4 * req.ops.len());
         let idem = match &req.idempotency_key {
             Some(key) => format!("{}{key}", self.keys.idem_prefix),
             None => self.keys.epoch.clone(),
@@ -965,6 +978,7 @@ impl RedisEngine {
             args.push(op.amount.to_string());
             args.push(op.if_version.map_or("-1".to_string(), |v| v.to_string()));
         }
+        args.push(self.config.skus_max.to_string());
         Ok(args)
     }
 }

@@ -24,9 +24,11 @@ use crate::stock::{Action, Stock};
 /// key (or the epoch key again when the write has none). ARGV: channel, fingerprint, ttl
 /// seconds, new epoch (used only if none exists), has-key flag, origin (the writing process,
 /// echoed in the change), op count, then four per op: sku, action, amount, if_version
-/// (-1 = none).
+/// (-1 = none), then the SKU limit (`--max-skus`; 0 = none), last so the per-op indices stay put.
 ///
-/// Replies: `{"ok", seq, changes, results}`, `{"dup", results}`, `{"mismatch"}`, or
+/// Replies: `{"ok", seq, changes, results}`, `{"dup", results}`, `{"mismatch"}`,
+/// `{"full", max}` (the write would create SKUs past the limit: checked here, with HLEN, so
+/// processes sharing the inventory cannot pass it together), or
 /// `{"err", index, committed on_hand, reserved, version, working on_hand, reserved}`: the
 /// state the failing op saw, from which the caller rebuilds the exact error with the same
 /// rules code as the embedded store (`crate::stock::store::stage_op`).
@@ -34,6 +36,8 @@ pub const WRITE: &str = r#"
 local stock, changed, seqkey, epochkey, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local channel, fp, ttl, new_epoch, keyed = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5] == '1'
 local origin, n = ARGV[6], tonumber(ARGV[7])
+local skus_max = tonumber(ARGV[8 + n * 4]) or 0
+local created = 0
 local function fmt(x) return string.format('%d', x) end
 if keyed then
   local prev = redis.call('GET', idem)
@@ -63,6 +67,8 @@ for i = 0, n - 1 do
     if packed then
       local a, r, ver = string.match(packed, '^(%d+) (%d+) (%d+)$')
       oh, rs, v = tonumber(a), tonumber(r), tonumber(ver)
+    else
+      created = created + 1
     end
     committed[sku] = {oh, rs, v}
     w = {oh, rs}
@@ -93,6 +99,9 @@ for i = 0, n - 1 do
     return {'err', i, fmt(c[1]), fmt(c[2]), fmt(c[3]), fmt(w[1]), fmt(w[2])}
   end
   w[1], w[2] = oh, rs
+end
+if skus_max > 0 and created > 0 and redis.call('HLEN', stock) + created > skus_max then
+  return {'full', skus_max}
 end
 local seq = redis.call('INCR', seqkey)
 local after = {}
