@@ -173,16 +173,28 @@ const FLAGS: &[Flag] = &[
         help: "SKUs one connection may subscribe to (default 10000)",
     },
     Flag {
+        name: "--max-skus",
+        env: "STOCKSYNC_MAX_SKUS",
+        value: "N",
+        help: "distinct SKUs; a write creating one past it gets `too_large` (default 1000000)",
+    },
+    Flag {
+        name: "--max-writes-in-flight",
+        env: "STOCKSYNC_MAX_WRITES_IN_FLIGHT",
+        value: "N",
+        help: "writes one connection may have waiting for the log or Redis; past it the connection is not read until they drain (default 256)",
+    },
+    Flag {
         name: "--write-rate",
         env: "STOCKSYNC_WRITE_RATE",
         value: "N",
-        help: "writes per second per connection, 0 = unlimited (default 0)",
+        help: "write messages per second per connection (a batch counts once), 0 = unlimited (default 0)",
     },
     Flag {
         name: "--token-write-rate",
         env: "STOCKSYNC_TOKEN_WRITE_RATE",
         value: "N",
-        help: "writes per second per token over all its connections, 0 = unlimited (default 0)",
+        help: "write messages per second per token over all its connections (a batch counts once), 0 = unlimited (default 0)",
     },
     Flag {
         name: "--holds-max",
@@ -256,15 +268,27 @@ pub fn usage() -> String {
     let mut out = String::from(
         "stocksync: real-time inventory sync server\n\nusage: stocksync [FLAGS]\n\nEach flag can also be set by its environment variable.\n\n",
     );
+    // One column for `--flag VALUE`, as wide as the widest, so every description starts at
+    // the same place and the environment variable sits under it.
+    let width = FLAGS
+        .iter()
+        .map(|f| f.name.len() + 1 + f.value.len())
+        .max()
+        .unwrap_or(0);
     for f in FLAGS {
-        let _ = writeln!(
-            out,
-            "  {} {:<18} {}\n      env {}",
-            f.name, f.value, f.help, f.env
-        );
+        let left = format!("{} {}", f.name, f.value);
+        let _ = writeln!(out, "  {left:<width$}  {}", f.help);
+        let _ = writeln!(out, "  {:<width$}  env {}", "", f.env);
     }
-    out.push_str("  --help                 this text\n\nRUST_LOG=debug for per-connection logs.\n");
+    let _ = writeln!(out, "  {:<width$}  this text", "--help");
+    let _ = writeln!(out, "  {:<width$}  the version", "--version");
+    out.push_str("\nRUST_LOG=debug for per-connection logs.\n");
     out
+}
+
+/// `stocksync VERSION`, for `--version`.
+pub fn version() -> String {
+    format!("stocksync {}\n", env!("CARGO_PKG_VERSION"))
 }
 
 fn parse_number<T: std::str::FromStr>(flag: &str, value: &str) -> Result<T, String> {
@@ -436,6 +460,10 @@ impl Settings {
             "--max-subscriptions" => {
                 self.service.subscriptions_per_conn_max = parse_number(name, value)?
             }
+            "--max-skus" => self.service.skus_max = parse_number(name, value)?,
+            "--max-writes-in-flight" => {
+                self.service.writes_in_flight_per_conn_max = parse_number(name, value)?
+            }
             "--write-rate" => self.service.writes_per_conn_per_sec = parse_number(name, value)?,
             "--token-write-rate" => {
                 self.service.writes_per_token_per_sec = parse_number(name, value)?
@@ -569,6 +597,26 @@ mod tests {
         assert!(Settings::parse(&args(&["--help"]), |_| None)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn help_descriptions_start_in_one_column() {
+        let usage = usage();
+        // Where the description starts: after `--flag VALUE` and the two-space gap.
+        let starts: Vec<usize> = usage
+            .lines()
+            .filter(|line| line.starts_with("  --"))
+            .map(|line| {
+                let description = line[2..].split_once("  ").map_or("", |(_, rest)| rest);
+                line.len() - description.trim_start().len()
+            })
+            .collect();
+        assert!(starts.len() > FLAGS.len(), "{usage}");
+        assert!(starts.windows(2).all(|w| w[0] == w[1]), "{usage}");
+        for flag in FLAGS {
+            assert!(usage.contains(&format!("env {}", flag.env)));
+        }
+        assert!(version().starts_with("stocksync "));
     }
 
     #[test]

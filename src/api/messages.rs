@@ -151,7 +151,18 @@ pub fn parse_message(text: &str, limits: &MessageLimits) -> Parsed {
             request: Err(ApiError::bad_request("message must be a JSON object")),
         };
     };
-    let id = object.remove("id");
+    // PROTOCOL.md: an id is a string or a number. Anything else is refused, and not echoed
+    // (an object or array id would let a client make us copy arbitrary JSON into replies).
+    let id = match object.remove("id") {
+        None => None,
+        Some(id @ (Value::String(_) | Value::Number(_))) => Some(id),
+        Some(_) => {
+            return Parsed {
+                id: None,
+                request: Err(ApiError::bad_request("`id` must be a string or a number")),
+            }
+        }
+    };
     let request = parse_object(&object, limits);
     Parsed { id, request }
 }
@@ -287,6 +298,17 @@ pub fn parse_op(
         return Err(ApiError::bad_request("an op must be a JSON object"));
     };
     let sku = match (path_sku, op.get("id")) {
+        // The path names the SKU; a body `id` may repeat it but not contradict it (which
+        // would leave a reader of the body believing another SKU was written).
+        (Some(name), Some(Value::String(body))) if body != name => {
+            return Err(ApiError::bad_request(format!(
+                "body `id` `{}` differs from the SKU in the path",
+                truncate(body, 140)
+            )))
+        }
+        (Some(_), Some(id)) if !id.is_string() => {
+            return Err(ApiError::bad_request("op `id` must be a string"))
+        }
         (Some(name), _) => name.to_string(),
         (None, Some(Value::String(name))) => name.clone(),
         (None, Some(_)) => {
@@ -317,7 +339,8 @@ pub fn parse_op(
         .map_err(|e| ApiError::from_op(&e, &sku))?;
     let if_version =
         match op.get("if_version") {
-            None | Some(Value::Null) => None,
+            None => None,
+            // `null` is not "absent": a client that meant a version and sent none must hear it.
             Some(value) => Some(value.as_u64().ok_or_else(|| {
                 ApiError::bad_request("`if_version` must be a non-negative integer")
             })?),
@@ -421,7 +444,9 @@ fn integer(value: &Value) -> Option<i128> {
 
 pub fn parse_key(value: Option<&Value>) -> Result<Option<String>, ApiError> {
     match value {
-        None | Some(Value::Null) => Ok(None),
+        // `null` is not "no key", as with `if_version`: a client that meant to send a key and
+        // sent none would have its retry applied twice.
+        None => Ok(None),
         Some(Value::String(key)) if key_is_valid(key) => Ok(Some(key.clone())),
         Some(_) => Err(ApiError::bad_request(
             "`idempotency_key` must be a string of 1 to 128 bytes",

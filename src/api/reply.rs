@@ -76,6 +76,53 @@ pub fn with_states<'a>(
     })
 }
 
+/// One chunk of a snapshot reply (PROTOCOL.md "Limits"): `{"type":KIND,"id":..,"stock":[..]}`
+/// with states taken from `states` while their JSON stays within `chunk_bytes_max` (at least
+/// one state, so no chunk is ever empty of progress). Each state comes with its position in the
+/// scan; the position of the first state left out is returned, and the reply then says
+/// `"more":true`. A `continuation` chunk (type `snapshot`) that ends the scan says
+/// `"more":false`; a first chunk that holds everything has no `more`, as before chunking.
+pub fn states_chunk<'a>(
+    kind: &str,
+    id: Option<&Value>,
+    continuation: bool,
+    states: impl Iterator<Item = (usize, &'a str, Stock)>,
+    chunk_bytes_max: usize,
+) -> (Frame, Option<usize>) {
+    let mut rest = None;
+    let frame = frame(|out| {
+        write_head(out, kind, id);
+        let _ = out.write_all(br#","stock":["#);
+        let mut scratch = Vec::with_capacity(256);
+        let mut states_bytes = 0;
+        for (position, name, stock) in states {
+            scratch.clear();
+            if states_bytes > 0 {
+                scratch.push(b',');
+            }
+            write_state(&mut scratch, name, stock);
+            if states_bytes > 0 && states_bytes + scratch.len() > chunk_bytes_max {
+                rest = Some(position);
+                break;
+            }
+            states_bytes += scratch.len();
+            let _ = out.write_all(&scratch);
+        }
+        let _ = out.write_all(b"]");
+        match (rest.is_some(), continuation) {
+            (true, _) => {
+                let _ = out.write_all(br#","more":true"#);
+            }
+            (false, true) => {
+                let _ = out.write_all(br#","more":false"#);
+            }
+            (false, false) => {}
+        }
+        let _ = out.write_all(b"}");
+    });
+    (frame, rest)
+}
+
 /// A reply with only a type (pong, unsubscribed).
 pub fn bare(kind: &str, id: Option<&Value>) -> Frame {
     frame(|out| {

@@ -82,6 +82,15 @@ impl<S: Service> Protocol<S> {
 
     fn handle_request(&mut self, cx: &mut Ctx<'_>, id: ConnId, req: Request) {
         let now = cx.now_ms();
+        if let Err(e) = request::require_host(&req) {
+            let response = Response::json(e.status(), http_error_body(&e)).close();
+            cx.send(id, Frame::from(response.to_bytes()));
+            cx.close(id);
+            if let Some(Some(state)) = self.conns.get_mut(id.index as usize) {
+                state.phase = Phase::Done;
+            }
+            return;
+        }
         if cx.via_trusted_proxy(id) && !self.attribute_client(cx, id, &req) {
             return;
         }
@@ -427,7 +436,9 @@ impl<S: Service> Handler for Protocol<S> {
             Phase::Http { served: 0, .. } => {
                 debug!("{id} handshake timeout");
                 self.service.on_limit(cx, id, Limit::HandshakeTimeout);
-                let response = Response::text(408, "request timeout\n").close();
+                let body = serde_json::json!({"error": {"code": "bad_request",
+                    "message": "no complete request within the handshake timeout"}});
+                let response = Response::json(408, body.to_string().into_bytes()).close();
                 cx.send(id, Frame::from(response.to_bytes()));
                 cx.close(id);
             }

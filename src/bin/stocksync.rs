@@ -3,6 +3,10 @@
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|arg| arg == "--version" || arg == "-V") {
+        print!("{}", stocksync::cli::version());
+        return;
+    }
     let settings = match stocksync::cli::Settings::parse(&args, |k| std::env::var(k).ok()) {
         Ok(Some(settings)) => settings,
         Ok(None) => {

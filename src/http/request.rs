@@ -234,7 +234,24 @@ pub enum ParseError {
     BadContentLength,
     /// A well-formed `HTTP/x.y` version other than 1.0 and 1.1.
     UnsupportedVersion,
+    /// A header that must appear at most once appeared again (first-wins or last-wins would
+    /// let two parties read one request differently: two tokens, two idempotency keys).
+    DuplicateHeader {
+        /// The header's name, lowercase.
+        name: &'static str,
+    },
+    /// HTTP/1.1 without `Host` (RFC 9112 §3.2: a server must answer 400).
+    MissingHost,
 }
+
+/// Headers a request may carry at most once; a repeat is [`ParseError::DuplicateHeader`].
+pub const SINGLE_HEADERS: [&str; 5] = [
+    "authorization",
+    "idempotency-key",
+    "origin",
+    "host",
+    "content-length",
+];
 
 impl ParseError {
     /// The response status for this error.
@@ -247,6 +264,7 @@ impl ParseError {
             ParseError::LengthRequired => 411,
             ParseError::BadContentLength => 400,
             ParseError::UnsupportedVersion => 505,
+            ParseError::DuplicateHeader { .. } | ParseError::MissingHost => 400,
         }
     }
 }
@@ -267,6 +285,8 @@ impl fmt::Display for ParseError {
             }
             ParseError::BadContentLength => f.write_str("invalid Content-Length"),
             ParseError::UnsupportedVersion => f.write_str("HTTP version not supported"),
+            ParseError::DuplicateHeader { name } => write!(f, "more than one {name} header"),
+            ParseError::MissingHost => f.write_str("HTTP/1.1 request without a Host header"),
         }
     }
 }
@@ -386,11 +406,13 @@ fn parse_head<'h, 'b>(
         headers,
     } = request;
     let method_name = method.expect("httparse sets the method on Complete");
+    let minor_version = version.expect("httparse sets the version on Complete");
+    check_single_headers(headers)?;
     let body_len = body_length(Method::from_name(method_name), headers, limits)?;
     Ok(Some(Head {
         method_name,
         target: path.expect("httparse sets the path on Complete"),
-        minor_version: version.expect("httparse sets the version on Complete"),
+        minor_version,
         headers,
         head_len,
         body_len,
@@ -422,6 +444,34 @@ fn names_http_version(window: &[u8]) -> bool {
         .strip_prefix(b"HTTP/")
         .and_then(<[u8]>::first)
         .is_some_and(u8::is_ascii_digit)
+}
+
+/// Refuses a repeat of any of [`SINGLE_HEADERS`].
+fn check_single_headers(headers: &[httparse::Header<'_>]) -> Result<(), ParseError> {
+    let mut seen = [false; SINGLE_HEADERS.len()];
+    for header in headers {
+        if let Some(i) = SINGLE_HEADERS
+            .iter()
+            .position(|name| header.name.eq_ignore_ascii_case(name))
+        {
+            if seen[i] {
+                return Err(ParseError::DuplicateHeader {
+                    name: SINGLE_HEADERS[i],
+                });
+            }
+            seen[i] = true;
+        }
+    }
+    Ok(())
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host` is answered 400. Checked by the server
+/// on each whole request rather than by [`parse`], which stays a pure framing parser.
+pub fn require_host(req: &Request) -> Result<(), ParseError> {
+    if req.minor_version == 1 && req.header("host").is_none() {
+        return Err(ParseError::MissingHost);
+    }
+    Ok(())
 }
 
 /// The body length the head declares (RFC 9112 §6.3), checked against the limit before any of
@@ -596,7 +646,7 @@ mod tests {
             keep_alive: true,
         },
         Valid {
-            bytes: b"PATCH /x?dry HTTP/1.1\r\nContent-Length: 3\r\ncontent-length: 003\r\n\r\nabc",
+            bytes: b"PATCH /x?dry HTTP/1.1\r\ncontent-length: 003\r\n\r\nabc",
             method: Method::Patch,
             method_name: "PATCH",
             path: "/x",
@@ -949,17 +999,59 @@ mod tests {
             error: ParseError::BadContentLength,
             status: 400,
         },
+        // Headers that must appear once (PROTOCOL.md "Limits"): even identical repeats are
+        // refused, so no two readers of one request can disagree about it.
         Invalid {
             bytes: b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
             limits: DEFAULT,
-            error: ParseError::BadContentLength,
+            error: ParseError::DuplicateHeader {
+                name: "content-length",
+            },
+            status: 400,
+        },
+        Invalid {
+            bytes: b"PATCH /x HTTP/1.1\r\nContent-Length: 3\r\ncontent-length: 003\r\n\r\nabc",
+            limits: DEFAULT,
+            error: ParseError::DuplicateHeader {
+                name: "content-length",
+            },
+            status: 400,
+        },
+        Invalid {
+            bytes: b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+            limits: DEFAULT,
+            error: ParseError::DuplicateHeader { name: "host" },
+            status: 400,
+        },
+        Invalid {
+            bytes: b"GET / HTTP/1.1\r\nAuthorization: Bearer a\r\nAUTHORIZATION: Bearer b\r\n\r\n",
+            limits: DEFAULT,
+            error: ParseError::DuplicateHeader {
+                name: "authorization",
+            },
+            status: 400,
+        },
+        Invalid {
+            bytes: b"POST / HTTP/1.1\r\nIdempotency-Key: a\r\nIdempotency-Key: b\r\n\r\n",
+            limits: DEFAULT,
+            error: ParseError::DuplicateHeader {
+                name: "idempotency-key",
+            },
+            status: 400,
+        },
+        Invalid {
+            bytes: b"GET / HTTP/1.1\r\nOrigin: http://a\r\nOrigin: http://b\r\n\r\n",
+            limits: DEFAULT,
+            error: ParseError::DuplicateHeader { name: "origin" },
             status: 400,
         },
         Invalid {
             bytes: b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 01\r\n\
                      Content-Length: 2\r\n\r\n",
             limits: DEFAULT,
-            error: ParseError::BadContentLength,
+            error: ParseError::DuplicateHeader {
+                name: "content-length",
+            },
             status: 400,
         },
     ];

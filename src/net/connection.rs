@@ -110,6 +110,12 @@ pub struct Connection {
     pub read_paused: bool,
     /// Above the high mark; `on_buffer_drain` fires when it falls below the low mark.
     pub above_high_mark: bool,
+    /// The handler asked for `on_buffer_drain` once the queue is at or below the low mark,
+    /// whether or not it passed the high mark (chunked replies built one at a time).
+    pub drain_wanted: bool,
+    /// The handler stopped reading this connection (writes in flight at their bound); it is
+    /// read again when the handler releases it.
+    pub reads_held: bool,
     /// The hard limit was hit (signalled once; the connection is then closed).
     pub over_hard_limit: bool,
     /// The peer takes compressed frames decompressed with a window of 2^this bytes (0: it takes
@@ -124,10 +130,12 @@ pub struct Connection {
 }
 
 /// Bytes of loop state per connection: 128 before permessage-deflate; its one byte
-/// (`compressed_window_bits`) costs a word of alignment. TLS sessions (`EventLoop::tls_sessions`)
-/// and proxied clients' addresses (`Core::proxied_clients`) live beside the slab, so a plain,
-/// direct connection carries no state for either. Raise only with a reason.
-const CONNECTION_BYTES_MAX: usize = 136;
+/// (`compressed_window_bits`) costs a word of alignment, and the handler's two flags
+/// (`drain_wanted` for chunked snapshots, `reads_held` for bounded writes in flight) another.
+/// TLS sessions (`EventLoop::tls_sessions`) and proxied clients' addresses
+/// (`Core::proxied_clients`) live beside the slab, so a plain, direct connection carries no
+/// state for either. Raise only with a reason.
+const CONNECTION_BYTES_MAX: usize = 144;
 const _: () = assert!(std::mem::size_of::<Connection>() <= CONNECTION_BYTES_MAX);
 
 impl Connection {
@@ -145,6 +153,8 @@ impl Connection {
             read_pending: false,
             read_paused: false,
             above_high_mark: false,
+            drain_wanted: false,
+            reads_held: false,
             over_hard_limit: false,
             compressed_window_bits: 0,
             close_reason: None,

@@ -178,6 +178,47 @@ impl Ctx<'_> {
         }
     }
 
+    /// Asks for one [`Handler::on_buffer_drain`](super::Handler::on_buffer_drain) once this
+    /// connection's queue is written down to the low mark: a reply sent in chunks builds the
+    /// next chunk only then, so a peer that does not read costs about one chunk.
+    pub fn notify_when_drained(&mut self, id: ConnId) {
+        let core = &mut *self.core;
+        if let Some(conn) = live_mut(self.conns, id) {
+            if conn.state != ConnState::Open {
+                return;
+            }
+            conn.drain_wanted = true;
+            // The check runs after a flush; make sure one happens even if nothing else is
+            // queued (an empty queue is drained at once).
+            if !conn.flush_pending && !conn.write_registered {
+                conn.flush_pending = true;
+                core.flush_list.push(id.index);
+            }
+        }
+    }
+
+    /// Stops reading this connection (`hold`) or reads it again: the handler's backpressure,
+    /// e.g. while a client's writes in flight are at their bound. Input already read is still
+    /// delivered; nothing more is read from the socket until released.
+    pub fn hold_reads(&mut self, id: ConnId, hold: bool) {
+        let core = &mut *self.core;
+        let Some(conn) = live_mut(self.conns, id) else {
+            return;
+        };
+        if conn.reads_held == hold {
+            return;
+        }
+        conn.reads_held = hold;
+        if !hold && conn.read_paused && conn.send_queue.bytes() <= core.limits.send_queue_high_bytes
+        {
+            conn.read_paused = false;
+            if !conn.read_pending {
+                conn.read_pending = true;
+                core.read_list.push(id.index);
+            }
+        }
+    }
+
     /// Queues a frame, whatever the connection's pressure (replies are never dropped).
     pub fn send(&mut self, id: ConnId, frame: Frame) -> SendStatus {
         self.enqueue(id, &frame, false)

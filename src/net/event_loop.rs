@@ -494,7 +494,8 @@ impl<H: Handler> EventLoop<H> {
             match conn.state {
                 ConnState::Closed => return,
                 ConnState::Open
-                    if conn.send_queue.bytes() > self.core.limits.send_queue_high_bytes =>
+                    if conn.reads_held
+                        || conn.send_queue.bytes() > self.core.limits.send_queue_high_bytes =>
                 {
                     // Backpressure: a peer that does not read our replies is not read either.
                     conn.read_paused = true;
@@ -767,10 +768,11 @@ impl<H: Handler> EventLoop<H> {
                 return;
             }
         };
-        if conn.above_high_mark && conn.send_queue.bytes() <= low {
+        if (conn.above_high_mark || conn.drain_wanted) && conn.send_queue.bytes() <= low {
             conn.above_high_mark = false;
+            conn.drain_wanted = false;
             core.drain_list.push(id);
-            if conn.read_paused {
+            if conn.read_paused && !conn.reads_held {
                 conn.read_paused = false;
                 if !conn.read_pending {
                     conn.read_pending = true;

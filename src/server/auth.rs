@@ -15,6 +15,23 @@ pub struct Token {
     pub role: Role,
 }
 
+/// Refuses token lists where one secret has two names: `check` would take the first and the
+/// other name (perhaps with another role) would silently never apply.
+pub fn check_distinct_secrets(tokens: &[Token]) -> Result<(), String> {
+    for (i, token) in tokens.iter().enumerate() {
+        if let Some(other) = tokens[..i]
+            .iter()
+            .find(|other| constant_time_eq(other.secret.as_bytes(), token.secret.as_bytes()))
+        {
+            return Err(format!(
+                "tokens `{}` and `{}` have the same secret; give each secret one name",
+                other.name, token.name
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Compares two secrets in time that depends only on their lengths, not on where they differ.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -48,6 +65,10 @@ impl Access {
         let Some(secret) = presented else {
             return Grant::Anonymous;
         };
+        if secret.is_empty() {
+            // A malformed Authorization header (see `presented_token`); no secret is empty.
+            return Grant::Invalid;
+        }
         // Every token is compared, so the time taken does not tell which one matched.
         let mut found = None;
         for token in &self.tokens {
@@ -117,12 +138,19 @@ impl TokenRates {
 }
 
 /// The token of a request: `Authorization: Bearer T`, else `?token=T`.
+///
+/// An `Authorization` header that is not `Bearer` with a non-empty token (`Basic ..`, an empty
+/// `Bearer`, bytes that are not UTF-8) presents an empty secret, which matches no token: the
+/// request is refused as an invalid token, not served as anonymous (PROTOCOL.md "Limits").
 pub fn presented_token(req: &crate::http::Request) -> Option<String> {
-    if let Some(value) = req.header_str("authorization") {
-        let value = value.trim();
-        if value.len() > 7 && value[..7].eq_ignore_ascii_case("bearer ") {
-            return Some(value[7..].trim().to_string());
-        }
+    if req.header("authorization").is_some() {
+        let bearer = req.header_str("authorization").and_then(|value| {
+            let value = value.trim();
+            let scheme = value.get(..7)?;
+            let token = value.get(7..)?.trim();
+            (scheme.eq_ignore_ascii_case("bearer ") && !token.is_empty()).then_some(token)
+        });
+        return Some(bearer.unwrap_or_default().to_string());
     }
     req.query_param("token")
 }

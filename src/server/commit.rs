@@ -266,6 +266,11 @@ impl StockService {
         req: WriteRequest,
         reply_to: ReplyTo,
     ) {
+        if let Err(error) = self.check_skus_max(&req) {
+            self.limit_hit(cx, conn, super::metrics::LimitHit::Skus);
+            self.refuse(cx, conn, &reply_to, &error);
+            return;
+        }
         let actions: Vec<Action> = req.ops.iter().map(|op| op.action).collect();
         let holds = HoldsOf::of(&req);
         match self.engine.submit(cx, &req, now_secs()) {
@@ -280,6 +285,7 @@ impl StockService {
             }
             Submitted::Pending(ticket) => {
                 self.session(conn).outbox_pending += 1;
+                self.hold_if_too_many(cx, conn);
                 self.outbox
                     .push_back(Outgoing::Write(Box::new(PendingWrite {
                         ticket,
@@ -290,8 +296,82 @@ impl StockService {
                         received: Instant::now(),
                         holds,
                     })));
+                self.metrics.outbox_entries_peak =
+                    self.metrics.outbox_entries_peak.max(self.outbox.len());
             }
         }
+    }
+
+    /// Bounds writes in flight (PROTOCOL.md "Limits"): a connection with as many as it may
+    /// have, or any writer while the whole outbox is full, is not read further until replies
+    /// drain. Nothing is refused: the client just waits, as with TCP flow control.
+    fn hold_if_too_many(&mut self, cx: &mut Ctx<'_>, conn: ConnId) {
+        let per_conn_max = self.config.writes_in_flight_per_conn_max;
+        let total_full = self.outbox.len() >= super::WRITES_IN_FLIGHT_TOTAL_MAX;
+        let session = self.session(conn);
+        if session.reads_held || (session.outbox_pending < per_conn_max && !total_full) {
+            return;
+        }
+        session.reads_held = true;
+        self.held.push(conn);
+        cx.hold_reads(conn, true);
+        self.limit_hit(cx, conn, super::metrics::LimitHit::WritesInFlight);
+    }
+
+    /// Reads again the held connections whose replies drained to half their bound (and the
+    /// outbox to half its), so a held client resumes with room to pipeline.
+    fn release_held(&mut self, cx: &mut Ctx<'_>) {
+        if self.held.is_empty() || self.outbox.len() > super::WRITES_IN_FLIGHT_TOTAL_MAX / 2 {
+            return;
+        }
+        let resume_at = self.config.writes_in_flight_per_conn_max / 2;
+        let mut held = std::mem::take(&mut self.held);
+        held.retain(|&conn| {
+            let Some(session) = self.sessions.get_mut(conn.index as usize) else {
+                return false;
+            };
+            if session.generation != conn.generation {
+                return false; // closed; its slot is someone else's now
+            }
+            if session.outbox_pending > resume_at {
+                return true;
+            }
+            session.reads_held = false;
+            cx.hold_reads(conn, false);
+            false
+        });
+        self.held = held;
+    }
+
+    /// `--max-skus`: refuses a write that would create SKUs past the limit. Counted against
+    /// the engine's store, which for the embedded engine already holds the writes in flight
+    /// (it runs ahead of what is visible), and for Redis is this process's replica, which may
+    /// lag: the Redis write script checks again, exactly (`scripts::WRITE`).
+    fn check_skus_max(&self, req: &WriteRequest) -> Result<(), ApiError> {
+        let skus = self.engine.skus();
+        let mut new: Vec<&str> = req
+            .ops
+            .iter()
+            .map(|op| op.sku.as_str())
+            .filter(|name| {
+                !skus
+                    .lookup(name)
+                    .is_some_and(|sku| skus.get(sku).version > 0)
+            })
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        new.sort_unstable();
+        new.dedup();
+        let max = self.config.skus_max;
+        if skus.known_len().saturating_add(new.len()) > max {
+            return Err(ApiError::new(
+                ErrorCode::TooLarge,
+                format!("the inventory holds its maximum of {max} SKUs; this write would add more"),
+            ));
+        }
+        Ok(())
     }
 
     /// The answer to a decided write, with its metrics counted; the changes it made are left
@@ -377,6 +457,7 @@ impl StockService {
         }
         self.progress = progress;
         self.flush_wildcard_batch(cx);
+        self.release_held(cx);
         let release = std::mem::take(&mut self.to_forget);
         self.forget_unused(release);
     }
@@ -431,7 +512,11 @@ impl StockService {
                         id,
                         names,
                         all_known,
-                    } => self.states_frame(kind, id.as_ref(), &names, all_known),
+                    } => {
+                        let snapshot = super::snapshot::Snapshot::new(kind, id, names, all_known);
+                        self.start_snapshot(cx, to, snapshot);
+                        return;
+                    }
                     Body::Build(build) => build(self),
                 };
                 cx.send(to, frame);
@@ -506,32 +591,6 @@ impl StockService {
             // Keeps every connection's view in order: gathered updates first.
             self.flush_wildcard_batch(cx);
             self.fanout.deliver(cx, &self.subs, sku, &frame);
-        }
-    }
-
-    /// A reply carrying the visible state of `skus` (or of every known SKU).
-    pub(super) fn states_frame(
-        &self,
-        kind: &str,
-        id: Option<&Value>,
-        names: &[String],
-        all_known: bool,
-    ) -> Frame {
-        if all_known {
-            let skus = self.engine.skus();
-            let states = skus
-                .known()
-                .map(|(sku, _)| (skus.name(sku), self.visible(sku)))
-                .filter(|(_, stock)| stock.version > 0);
-            reply::with_states(kind, id, states)
-        } else {
-            reply::with_states(
-                kind,
-                id,
-                names
-                    .iter()
-                    .map(|name| (name.as_str(), self.visible_by_name(name))),
-            )
         }
     }
 }

@@ -89,7 +89,18 @@ impl StockService {
             cors: AllowOrigin::for_request(&self.config.allowed_origins, req.header_str("origin")),
         };
         let (route, param) = match router().find(req.method, &req.path) {
-            Match::Found { route, param } => (route, param.map(str::to_string)),
+            // The path parameter (a SKU id) is percent-decoded (PROTOCOL.md "Limits"):
+            // `/stock/shop%3A1%2Fred` names `shop:1/red`. A broken escape names no SKU.
+            Match::Found { route, param } => match param.map(crate::http::percent_decode) {
+                Some(None) => {
+                    let error = ApiError::new(
+                        ErrorCode::InvalidSku,
+                        "the SKU in the path has a broken percent-escape",
+                    );
+                    return self.answer(cx, id, error_response(&error), http);
+                }
+                decoded => (route, decoded.flatten()),
+            },
             Match::NotFound => {
                 let error =
                     ApiError::new(ErrorCode::NotFound, format!("no route for {}", req.path));
@@ -288,7 +299,19 @@ impl StockService {
 
     fn health(&self, cx: &Ctx<'_>) -> Response {
         let status = self.engine.status();
-        let refusing = status.refusing;
+        // A full key store refuses every keyed write (`unavailable`): a balancer that routes
+        // writes by /healthz must hear that too (PROTOCOL.md "Limits"). Only the embedded
+        // engine bounds its keys; Redis expires them itself.
+        let keys_full = self.engine.kind() == "embedded"
+            && status.idempotency_keys >= self.config.idempotency_keys_max;
+        let refusing = status.refusing.or_else(|| {
+            keys_full.then(|| {
+                format!(
+                    "idempotency key store full ({} keys): keyed writes are refused",
+                    self.config.idempotency_keys_max
+                )
+            })
+        });
         let mut body = serde_json::json!({
             "status": if refusing.is_none() { "ok" } else { "unavailable" },
             "pid": std::process::id(),
@@ -327,6 +350,27 @@ impl StockService {
             uptime_seconds: self.uptime_secs(cx),
             holds: status.holds,
         });
+        metrics::single(
+            &mut text,
+            "stocksync_outbox_entries",
+            "gauge",
+            "Writes in flight and the replies queued behind them.",
+            self.outbox.len(),
+        );
+        metrics::single(
+            &mut text,
+            "stocksync_outbox_entries_peak",
+            "gauge",
+            "Most outbox entries at once since start.",
+            self.metrics.outbox_entries_peak,
+        );
+        metrics::single(
+            &mut text,
+            "stocksync_connections_held",
+            "gauge",
+            "Connections not read because their writes in flight are at the bound.",
+            self.held.len(),
+        );
         self.engine.render_metrics(&mut text);
         text
     }

@@ -64,10 +64,12 @@ pub enum LimitHit {
     WriteRateConnection,
     WriteRateToken,
     SendQueueHard,
+    Skus,
+    WritesInFlight,
 }
 
 impl LimitHit {
-    pub const ALL: [LimitHit; 8] = [
+    pub const ALL: [LimitHit; 10] = [
         LimitHit::HandshakeTimeout,
         LimitHit::IdleTimeout,
         LimitHit::MessageTooBig,
@@ -76,6 +78,8 @@ impl LimitHit {
         LimitHit::WriteRateConnection,
         LimitHit::WriteRateToken,
         LimitHit::SendQueueHard,
+        LimitHit::Skus,
+        LimitHit::WritesInFlight,
     ];
 
     /// The `limit` label in metrics and the name in logs.
@@ -89,6 +93,8 @@ impl LimitHit {
             LimitHit::WriteRateConnection => "write_rate_connection",
             LimitHit::WriteRateToken => "write_rate_token",
             LimitHit::SendQueueHard => "send_queue_hard",
+            LimitHit::Skus => "skus_max",
+            LimitHit::WritesInFlight => "writes_in_flight",
         }
     }
 
@@ -147,6 +153,8 @@ impl LimitHits {
 
 #[derive(Clone, Debug, Default)]
 pub struct Metrics {
+    /// Most outbox entries (writes in flight and replies behind them) seen at once.
+    pub outbox_entries_peak: usize,
     pub ws_opened_total: u64,
     pub ws_messages_in_total: u64,
     pub http_requests_total: u64,

@@ -17,6 +17,7 @@ mod commit;
 mod durable;
 mod http_api;
 pub mod metrics;
+mod snapshot;
 pub mod start;
 pub mod workers;
 mod ws_api;
@@ -38,6 +39,18 @@ use auth::{Access, Role};
 use commit::{Body, Outgoing};
 use metrics::Metrics;
 
+/// Outbox entries (writes in flight and the replies queued behind them) past which every
+/// connection that adds a write is held (not read) until the outbox drains to half of it. The
+/// log's pending batch holds only writes of the outbox, so this bounds it too. A burst may pass
+/// it by what the connections had already read (one read each), never more.
+pub const WRITES_IN_FLIGHT_TOTAL_MAX: usize = 65_536;
+
+/// Default of `--max-skus`.
+pub const SKUS_MAX_DEFAULT: usize = 1_000_000;
+/// Default of `--max-writes-in-flight`: enough to keep a group commit full for a pipelining
+/// client, small enough that a stalled log holds little per connection.
+pub const WRITES_IN_FLIGHT_PER_CONN_MAX_DEFAULT: u32 = 256;
+
 /// Service settings beyond the loop's limits.
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
@@ -48,7 +61,18 @@ pub struct ServiceConfig {
     /// Idempotency keys remembered; past it keyed writes are refused (`unavailable`).
     pub idempotency_keys_max: usize,
     pub idempotency_ttl_secs: u64,
-    /// Writes per second per connection (0 = unlimited); past it: `rate_limited` / 429.
+    /// Distinct SKUs (known, i.e. written at least once); a write that would create one past
+    /// it is refused with `too_large`, writes to existing SKUs go on. With the Redis engine it
+    /// is checked against this process's replica: writes in flight and other processes may
+    /// overshoot it by the writes they have in flight at once.
+    pub skus_max: usize,
+    /// Writes (messages or requests) one connection may have waiting for the engine; at the
+    /// limit the connection is not read until its replies drain (backpressure, see
+    /// `WRITES_IN_FLIGHT_TOTAL_MAX` for the sum).
+    pub writes_in_flight_per_conn_max: u32,
+    /// Write messages per second per connection (0 = unlimited); past it: `rate_limited` /
+    /// 429. A batch is one write: it is one atomic change and one log record, whatever its size
+    /// (batch size has its own limit, `MessageLimits::batch_ops_max`).
     pub writes_per_conn_per_sec: u32,
     /// Writes per second per token, summed over all its connections and requests (0 =
     /// unlimited); past it: `rate_limited` / 429.
@@ -75,6 +99,8 @@ impl Default for ServiceConfig {
             subscriptions_per_conn_max: 10_000,
             idempotency_keys_max: 1_000_000,
             idempotency_ttl_secs: crate::stock::idempotency::IDEMPOTENCY_TTL_SECS,
+            skus_max: SKUS_MAX_DEFAULT,
+            writes_in_flight_per_conn_max: WRITES_IN_FLIGHT_PER_CONN_MAX_DEFAULT,
             writes_per_conn_per_sec: 0,
             writes_per_token_per_sec: 0,
             allowed_origins: Vec::new(),
@@ -99,6 +125,10 @@ struct Session {
     window_writes: u32,
     /// Name of the token the WebSocket handshake presented (for the per-token rate limit).
     token: Option<String>,
+    /// Snapshot replies being sent in chunks, the first one in progress.
+    snapshots: snapshot::Snapshots,
+    /// Not read while its writes in flight are at their bound (listed in `held`).
+    reads_held: bool,
 }
 
 pub struct StockService {
@@ -117,6 +147,9 @@ pub struct StockService {
     wildcard_batch: commit::WildcardBatch,
     sessions: Vec<Session>,
     released: Vec<SkuId>,
+    /// Connections not read because of writes in flight, released as the outbox drains.
+    /// INVARIANT: holds each connection whose session has `reads_held`, once.
+    held: Vec<ConnId>,
     /// Per-token write rate windows.
     token_rates: auth::TokenRates,
     pub metrics: Metrics,
@@ -148,6 +181,7 @@ impl StockService {
             wildcard_batch: commit::WildcardBatch::default(),
             sessions: Vec::new(),
             released: Vec::new(),
+            held: Vec::new(),
             token_rates: auth::TokenRates::default(),
             metrics: Metrics::default(),
             started_ms: 0,
@@ -255,8 +289,8 @@ impl StockService {
             });
             return;
         }
-        let frame = self.states_frame(kind, request_id.as_ref(), &names, all_known);
-        cx.send(id, frame);
+        let snapshot = snapshot::Snapshot::new(kind, request_id, names, all_known);
+        self.start_snapshot(cx, id, snapshot);
     }
 
     /// Drops SKUs that nobody references and that were never written (reads and subscriptions
@@ -316,6 +350,11 @@ impl Service for StockService {
         let mut released = std::mem::take(&mut self.released);
         self.subs.remove_conn(id, &mut released);
         self.fanout.remove_conn(id);
+        if let Some(session) = self.sessions.get_mut(id.index as usize) {
+            if session.generation == id.generation {
+                session.snapshots = snapshot::Snapshots::new();
+            }
+        }
         self.forget_unused(released.drain(..));
         self.released = released;
     }
@@ -335,13 +374,17 @@ impl Service for StockService {
     }
 
     fn on_buffer_drain(&mut self, cx: &mut Ctx<'_>, id: ConnId) {
-        if !self.fanout.has_pending(id) {
-            return;
+        // Conflated updates first (they stop as soon as the connection is full again), then
+        // the next snapshot chunk, which is a reply and always goes.
+        if self.fanout.has_pending(id) {
+            let engine = self.engine.as_ref();
+            self.fanout.drain(cx, &self.subs, id, |sku| {
+                crate::api::reply::stock_update(engine.skus().name(sku), engine.visible(sku))
+            });
         }
-        let engine = self.engine.as_ref();
-        self.fanout.drain(cx, &self.subs, id, |sku| {
-            crate::api::reply::stock_update(engine.skus().name(sku), engine.visible(sku))
-        });
+        if self.snapshot_pending(id) {
+            self.send_next_chunk(cx, id);
+        }
     }
 
     fn on_wake(&mut self, cx: &mut Ctx<'_>) {
@@ -376,11 +419,14 @@ impl Service for StockService {
         let Some(path) = self.config.tokens_file.clone() else {
             return;
         };
-        match start::load_tokens(None, Some(&path)) {
-            Ok(file_tokens) => {
-                let mut tokens = self.config.fixed_tokens.clone();
-                let count = file_tokens.len();
-                tokens.extend(file_tokens);
+        let loaded = start::load_tokens(None, Some(&path)).and_then(|file_tokens| {
+            let count = file_tokens.len();
+            let mut tokens = self.config.fixed_tokens.clone();
+            tokens.extend(file_tokens);
+            auth::check_distinct_secrets(&tokens).map(|()| (tokens, count))
+        });
+        match loaded {
+            Ok((tokens, count)) => {
                 let before = std::mem::replace(&mut self.config.access.tokens, tokens);
                 info!("tokens reloaded: {count} from {}", path.display());
                 self.revoke_sessions(cx, &before);

@@ -27,6 +27,7 @@ pub fn load_tokens(
             cli::read_tokens(&text).map_err(|e| format!("tokens file {}: {e}", path.display()))?,
         );
     }
+    super::auth::check_distinct_secrets(&tokens)?;
     Ok(tokens)
 }
 
@@ -41,6 +42,7 @@ fn open_engine(
             prefix: settings.redis_prefix.clone(),
             idempotency_ttl_secs: service_config.idempotency_ttl_secs,
             hold_limits: service_config.hold_limits,
+            skus_max: service_config.skus_max,
         })?;
         info!(
             "Redis engine ready: {} SKUs in the replica, prefix {}",

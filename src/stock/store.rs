@@ -163,6 +163,16 @@ impl Store {
             .filter(|(_, stock)| stock.is_known())
     }
 
+    /// Known SKUs from slot `first` on, in slot order: a scan resumed where an earlier one
+    /// stopped (chunked snapshots). A SKU first written behind the cursor is not seen.
+    pub fn known_from(&self, first: u32) -> impl Iterator<Item = (SkuId, Stock)> + '_ {
+        let skip = (first as usize).min(self.stocks.len());
+        (first..)
+            .map(SkuId)
+            .zip(self.stocks[skip..].iter().copied())
+            .filter(|(_, stock)| stock.is_known())
+    }
+
     /// How many SKUs are known (version > 0).
     pub fn known_len(&self) -> usize {
         self.known_len

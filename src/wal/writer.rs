@@ -52,6 +52,19 @@ const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 const SNAPSHOT_RETRY_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The file name of the segment whose first record is `start`.
+/// Test only: `STOCKSYNC_TEST_SYNC_DELAY_MS` makes every batch write that much slower, a
+/// slow disk on demand (tests of bounded queues during slow syncs). Unset in production; read
+/// once.
+fn test_sync_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("STOCKSYNC_TEST_SYNC_DELAY_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(std::time::Duration::from_millis)
+    })
+}
+
 pub fn segment_file_name(start: u64) -> String {
     format!("log-{start:020}.wal")
 }
@@ -208,6 +221,9 @@ impl LogThread {
                 self.fail(&e, Some(first));
                 return;
             }
+        }
+        if let Some(delay) = test_sync_delay() {
+            std::thread::sleep(delay);
         }
         let result = self.file.write_all_at(&bytes, self.offset).and_then(|()| {
             if self.sync {

@@ -239,11 +239,13 @@ pub fn rejection(err: &HandshakeError) -> Vec<u8> {
         | HandshakeError::MissingKey
         | HandshakeError::BadKey => {}
     }
-    let body = format!("{err}\n");
+    // Every error body of the server is JSON (PROTOCOL.md "Limits"), handshake ones included.
+    let body = serde_json::json!({"error": {"code": "bad_request", "message": err.to_string()}})
+        .to_string();
     format!(
         "HTTP/1.1 {status} {reason}\r\n\
          {extra_headers}\
-         Content-Type: text/plain; charset=utf-8\r\n\
+         Content-Type: application/json\r\n\
          Content-Length: {}\r\n\
          Connection: close\r\n\
          \r\n\
@@ -578,10 +580,12 @@ mod tests {
             for header in *absent {
                 assert!(!head.contains(header), "{error:?}: {header} in {response}");
             }
-            assert!(head.contains("\r\nContent-Type: text/plain; charset=utf-8"));
+            assert!(head.contains("\r\nContent-Type: application/json"));
             assert!(head.contains("\r\nConnection: close"));
             assert!(head.contains(&format!("\r\nContent-Length: {}", body.len())));
-            assert_eq!(body, format!("{error}\n"));
+            let body: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(body["error"]["code"], "bad_request");
+            assert_eq!(body["error"]["message"], error.to_string());
         }
     }
 }

@@ -94,6 +94,8 @@ pub struct RedisConfig {
     pub prefix: String,
     pub idempotency_ttl_secs: u64,
     pub hold_limits: HoldLimits,
+    /// `--max-skus`, enforced by the write script across every process (0 = none).
+    pub skus_max: usize,
 }
 
 /// One chunk of a catch-up reply ([`scripts::CHANGES_SINCE`]).
@@ -1165,6 +1167,17 @@ impl RedisEngine {
                 }
                 self.resolve(write.ticket, outcome);
             }
+            "full" => {
+                let error = ApiError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "the inventory holds its maximum of {} SKUs; this write would add more",
+                        self.config.skus_max
+                    ),
+                );
+                let release = write.ops.iter().map(|op| op.sku).collect();
+                self.resolve(write.ticket, Outcome::Refused { error, release });
+            }
             "mismatch" => {
                 let error =
                     ApiError::bad_request("idempotency key already used for a different request");
@@ -1489,6 +1502,7 @@ impl RedisEngine {
             args.push(op.hold.clone().unwrap_or_default());
             args.push(op.ttl_ms.map_or("-1".to_string(), |t| t.to_string()));
         }
+        args.push(self.config.skus_max.to_string());
         Ok(args)
     }
 

@@ -99,9 +99,12 @@ end
 /// epoch (used only if none exists), has-key flag, origin (the writing process, echoed in the
 /// change), expired-marker key prefix, holds max, lines per hold max, ttl_ms max, op count,
 /// then six per op: sku, action, amount, if_version (-1 = none), hold ('' = none), ttl_ms
-/// (-1 = none).
+/// (-1 = none), then the SKU limit (`--max-skus`; 0 = none), last so the per-op indices stay
+/// put.
 ///
 /// Replies: `{"ok", seq, changes, results}`, `{"dup", results}`, `{"mismatch"}`,
+/// `{"full", max}` (the write would create SKUs past the limit: checked here, with HLEN, so
+/// processes sharing the inventory cannot pass it together),
 /// `{"herr", index, why, detail}` (a hold rule, see [`HoldRefusal`]), or `{"err", index,
 /// committed on_hand, reserved, version, working on_hand, reserved, held}`: the state the
 /// failing op saw, from which the caller rebuilds the exact error with the same rules code as
@@ -117,6 +120,8 @@ local origin, marker_prefix = ARGV[6], ARGV[7]
 local holds_max, lines_max, ttl_max = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local n = tonumber(ARGV[11])
 local FIRST, PER_OP = 12, 6
+local skus_max = tonumber(ARGV[FIRST + n * PER_OP]) or 0
+local created = 0
 if keyed then
   local prev = redis.call('GET', idem)
   if prev then
@@ -186,6 +191,8 @@ for i = 0, n - 1 do
   local w = working[sku]
   if not w then
     local oh, rs, v = read_stock(stock, sku)
+    -- Every stored SKU has a version: one without is created by this write.
+    if v == 0 then created = created + 1 end
     committed[sku] = {oh, rs, v}
     w = {oh, rs}
     working[sku] = w
@@ -222,6 +229,9 @@ for i = 0, n - 1 do
     return {'err', i, fmt(c[1]), fmt(c[2]), fmt(c[3]), fmt(w[1]), fmt(w[2]), fmt(heldw[sku])}
   end
   w[1], w[2], heldw[sku] = oh, rs, hu
+end
+if skus_max > 0 and created > 0 and redis.call('HLEN', stock) + created > skus_max then
+  return {'full', skus_max}
 end
 local seq = redis.call('INCR', seqkey)
 local after = {}
