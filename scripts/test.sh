@@ -36,13 +36,6 @@ fi
 if ! .venv-autobahn/bin/python -c 'import kosoku, websockets' 2>/dev/null; then
     .venv-autobahn/bin/pip install --quiet --disable-pip-version-check kosoku websockets
 fi
-cargo test --workspace
-# The protocol suites again, with every memory-only test server on a Redis of its own (the
-# embedded-only suites, wal_* and the in-process ones, stay out).
-STOCKSYNC_TEST_ENGINE=redis cargo test --test stock_ws --test stock_errors \
-    --test stock_concurrency --test stock_model --test http_api --test access --test limits \
-    --test ordering --test slow_consumer --test metrics --test shutdown --test smoke \
-    --test snapshot_chunks --test server_limits --test strict_edge --test holds
 # The HTTP API against its OpenAPI description (docs/openapi.yaml), by schemathesis: every
 # response matches the schema, no 500, no crash. `positive_data_acceptance` is left out: whether
 # a schema-valid op is accepted depends on stock rules the schema does not model (a `set` needs
@@ -62,3 +55,13 @@ st_addr=$(sed -n 's/^stocksync: listening on //p' "$st_out")
 .venv-schemathesis/bin/st run docs/openapi.yaml --url "http://$st_addr" --checks all \
     --exclude-checks positive_data_acceptance -H "Authorization: Bearer schemathesis-token" \
     --max-examples 100
+kill "$st_pid" 2>/dev/null || true
+# Then every Rust test (the last lines are cargo's, the runner CI reads), and the protocol
+# suites again against Redis.
+cargo test --workspace
+# The protocol suites again, with every memory-only test server on a Redis of its own (the
+# embedded-only suites, wal_* and the in-process ones, stay out).
+STOCKSYNC_TEST_ENGINE=redis cargo test --test stock_ws --test stock_errors \
+    --test stock_concurrency --test stock_model --test http_api --test access --test limits \
+    --test ordering --test slow_consumer --test metrics --test shutdown --test smoke \
+    --test snapshot_chunks --test server_limits --test strict_edge --test holds
