@@ -4,43 +4,15 @@
 //!
 //! Run: `cargo bench --bench holds`. Numbers and method: docs/BENCHMARKS.md "Holds".
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use stocksync::stock::holds::{HoldLimits, Holds, Settle, Take};
 use stocksync::stock::{Action, Op, SkuId, Stock, Store};
 
-/// Counts live heap bytes, so memory per hold is measured, not guessed.
-struct Counting;
-
-static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as our caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE_BYTES.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        // SAFETY: same contract as our caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "../tests/common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::live_bytes;
 
 const T0: u64 = 1_700_000_000_000;
 const SKUS: u32 = 1_000;
@@ -82,9 +54,9 @@ fn expire_one(c: &mut Criterion) {
         .sample_size(20)
         .measurement_time(Duration::from_secs(3));
     for n in [1_000usize, 100_000, 1_000_000] {
-        let before = LIVE_BYTES.load(Ordering::Relaxed);
+        let before = live_bytes();
         let (mut store, mut holds, skus) = table(n);
-        let bytes = LIVE_BYTES.load(Ordering::Relaxed) - before;
+        let bytes = live_bytes() - before;
         println!(
             "{n} live holds: {bytes} heap bytes with their store, {:.0} bytes per hold",
             bytes as f64 / n as f64

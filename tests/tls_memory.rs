@@ -2,44 +2,15 @@
 //! handshake and a request/response go through the same rustls calls the loop makes, then the
 //! clients are dropped and what the server sessions still hold is divided by their number.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Cursor, Read, Write};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, ServerConnection};
 
-struct Counting;
-
-static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: the caller upholds `alloc`'s contract, which we pass on.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: `ptr` came from `alloc` above with this layout.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE_BYTES.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        // SAFETY: as for `dealloc`, and `new_size` is the caller's valid request.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::live_bytes;
 
 /// Moves `from`'s ciphertext into `to`, processes it, and drains `to`'s plaintext.
 fn transfer(from: &mut dyn FnMut(&mut Vec<u8>), to_read: &mut dyn FnMut(&[u8])) {
@@ -143,12 +114,12 @@ fn an_idle_tls_session_holds_under_8_kib() {
         clients.push(client);
     };
     open(&mut servers, &mut clients);
-    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    let before = live_bytes();
     for _ in 0..SESSIONS {
         open(&mut servers, &mut clients);
     }
     clients.clear();
-    let after = LIVE_BYTES.load(Ordering::Relaxed);
+    let after = live_bytes();
     // The Vec holding the sessions was allocated up front: the growth is the sessions' heap
     // (the struct itself lives in the Vec, allocated before `before`), plus our box below.
     let per_session =
