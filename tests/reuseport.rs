@@ -5,63 +5,15 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::watch::{held, ESTABLISHED, LISTEN};
 use common::*;
 use serde_json::json;
 
-/// TCP states in /proc/net/tcp.
-const ESTABLISHED: &str = "01";
-const LISTEN: &str = "0A";
-
 const CONNECTIONS: usize = 200;
-
-/// Socket inodes of process `pid`.
-fn socket_inodes(pid: u32) -> HashSet<u64> {
-    let mut inodes = HashSet::new();
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return inodes;
-    };
-    for entry in dir.flatten() {
-        if let Ok(target) = std::fs::read_link(entry.path()) {
-            let target = target.to_string_lossy();
-            if let Some(inode) = target
-                .strip_prefix("socket:[")
-                .and_then(|s| s.strip_suffix(']'))
-            {
-                inodes.insert(inode.parse().unwrap());
-            }
-        }
-    }
-    inodes
-}
-
-/// (state, inode) of every IPv4 TCP socket whose local port is `port`.
-fn tcp_sockets_on(port: u16) -> Vec<(String, u64)> {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let local_port = u16::from_str_radix(fields[1].rsplit(':').next()?, 16).ok()?;
-            let inode = fields[9].parse().ok()?;
-            (local_port == port).then(|| (fields[3].to_string(), inode))
-        })
-        .collect()
-}
-
-/// How many sockets in `state` on `port` process `pid` holds.
-fn held(pid: u32, port: u16, state: &str) -> usize {
-    let mine = socket_inodes(pid);
-    tcp_sockets_on(port)
-        .iter()
-        .filter(|(s, inode)| s == state && mine.contains(inode))
-        .count()
-}
 
 /// Starts a second `stocksync` on the same address as `first`.
 fn start_second(first: &Server) -> Server {
