@@ -481,13 +481,21 @@ impl Engine for RedisEngine {
 
     fn submit(&mut self, cx: &mut Ctx<'_>, req: &WriteRequest, _now_secs: u64) -> Submitted {
         self.ensure_links(cx);
-        if self.refusing().is_some() || self.writes_in_flight >= WRITES_IN_FLIGHT_MAX {
-            let mut error = self.unavailable();
-            if self.refusing().is_none() {
-                error.message = format!(
-                    "writes are unavailable: {WRITES_IN_FLIGHT_MAX} writes already wait for Redis"
-                );
-            }
+        if self.refusing().is_some() {
+            return Submitted::Now(Outcome::refused(self.unavailable()));
+        }
+        // Both queues toward Redis are bounded: what waits for a reply, and what is not even
+        // written to the socket yet (Redis not reading).
+        let unsent = self.cmd.as_ref().map_or(0, Link::output_len);
+        if self.writes_in_flight >= WRITES_IN_FLIGHT_MAX || unsent > link::OUTPUT_BYTES_MAX {
+            let error = ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "writes are unavailable: {} writes ({unsent} bytes unsent) already wait for \
+                     Redis",
+                    self.writes_in_flight
+                ),
+            );
             return Submitted::Now(Outcome::refused(error));
         }
         let mut ops = Vec::with_capacity(req.ops.len());

@@ -34,6 +34,12 @@ macro_rules! lua_prelude {
     () => {
         r#"
 local function fmt(x) return string.format('%d', x) end
+-- The change goes to every process, and its result is kept under the idempotency key, in the
+-- same script run as the change itself.
+local function publish_and_remember(channel, payload, keyed, idem, fp, result, ttl)
+  redis.call('PUBLISH', channel, payload)
+  if keyed then redis.call('SET', idem, fp .. '\n' .. result, 'EX', ttl) end
+end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -261,15 +267,12 @@ for _, sku in ipairs(order) do
   lines[#lines + 1] = sku .. ' ' .. state .. '\n'
 end
 local payload = table.concat(lines)
-redis.call('PUBLISH', channel, payload)
 local results = {}
 for i, sku in ipairs(opsku) do
   results[i] = sku .. ' ' .. after[sku] .. '\n'
 end
 local result = table.concat(results)
-if keyed then
-  redis.call('SET', idem, fp .. '\n' .. result, 'EX', ttl)
-end
+publish_and_remember(channel, payload, keyed, idem, fp, result, ttl)
 return {'ok', seq, payload, result}
 "#
 );
@@ -331,10 +334,7 @@ else
   token = 'G|' .. hold
 end
 local payload = epoch .. ' ' .. fmt(seq) .. ' ' .. origin .. ' ' .. token .. '\n' .. states
-redis.call('PUBLISH', channel, payload)
-if keyed then
-  redis.call('SET', idem, fp .. '\n' .. states, 'EX', ttl)
-end
+publish_and_remember(channel, payload, keyed, idem, fp, states, ttl)
 return {'ok', seq, payload, states}
 "#
 );
