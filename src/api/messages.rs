@@ -134,6 +134,12 @@ pub struct Parsed {
 }
 
 pub fn parse_message(text: &str, limits: &MessageLimits) -> Parsed {
+    super::hot_parse::parse(text, limits).unwrap_or_else(|| parse_general(text, limits))
+}
+
+/// Every message, through a `Value` tree: the parse that owns every refusal and its wording
+/// ([`super::hot_parse`] stands in for it on the common messages it accepts).
+pub(super) fn parse_general(text: &str, limits: &MessageLimits) -> Parsed {
     let value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => {

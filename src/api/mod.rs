@@ -2,6 +2,7 @@
 //! and their HTTP statuses, and the JSON of every reply. Only this layer maps errors to codes.
 
 pub mod error;
+mod hot_parse;
 pub mod messages;
 pub mod reply;
 
