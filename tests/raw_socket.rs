@@ -189,3 +189,32 @@ fn pipelined_http_requests_sent_one_byte_at_a_time() {
     let text = String::from_utf8(read_to_close(&mut stream)).unwrap();
     assert_eq!(text.matches("HTTP/1.1 200 ").count(), 2, "{text}");
 }
+
+/// A message and the peer's FIN that arrive together are one readiness event: the server reads
+/// past the message to the end of the stream (a short read there does not mean "nothing
+/// more") and closes at once, rather than holding the connection until its idle timeout.
+#[test]
+fn a_message_and_the_fin_in_one_event_are_both_seen() {
+    for round in 0..20 {
+        let mut stream = connect();
+        stream.write_all(&upgrade()).unwrap();
+        let head = read_head(&mut stream);
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        let text = format!("last words {round}");
+        stream
+            .write_all(&client_frame(true, TEXT, text.as_bytes()))
+            .unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) => panic!("round {round}: the server did not close after the FIN: {e}"),
+            }
+        }
+    }
+}
