@@ -109,6 +109,9 @@ enum Command {
         first: u64,
         last: u64,
         bytes: Vec<u8>,
+        /// Some record carries an idempotency key: the snapshot thread's shadow needs the
+        /// batch. Without one it is not woken at all (a thread switch per batch saved).
+        keys: bool,
     },
     /// Start a new segment whose first record will be `at`.
     Rotate { at: u64 },
@@ -186,7 +189,12 @@ impl LogThread {
                 }
             };
             match command {
-                Some(Command::Batch { first, last, bytes }) => self.batch(first, last, bytes),
+                Some(Command::Batch {
+                    first,
+                    last,
+                    bytes,
+                    keys,
+                }) => self.batch(first, last, bytes, keys),
                 Some(Command::Rotate { at }) => self.rotate_at(at),
                 Some(Command::DropBefore { replay_from }) => self.drop_before(replay_from),
                 None => {}
@@ -201,7 +209,7 @@ impl LogThread {
         }
     }
 
-    fn batch(&mut self, first: u64, last: u64, bytes: Vec<u8>) {
+    fn batch(&mut self, first: u64, last: u64, bytes: Vec<u8>, keys: bool) {
         if let Some(failing) = &self.failing {
             let reason = failing.reason.clone();
             self.reporter.report(Event::Failed {
@@ -238,7 +246,9 @@ impl LogThread {
                 self.last_seq = last;
                 // Before the loop hears of it: see `snapshot::KeyShadow` for why the order
                 // matters. The snapshot thread is gone only while the process exits.
-                let _ = self.snapshots.send(SnapshotCommand::Durable(bytes));
+                if keys {
+                    let _ = self.snapshots.send(SnapshotCommand::Durable(bytes));
+                }
                 self.reporter.report(Event::Durable { through: last });
             }
             Err(e) => {
@@ -420,6 +430,8 @@ pub struct DiskLog {
     /// Encoded records not yet sent, from `pending_first` to `next_seq - 1`.
     pending: Vec<u8>,
     pending_first: u64,
+    /// Some record in `pending` carries an idempotency key.
+    pending_keys: bool,
     /// The batch being written: first and last sequence numbers, bytes.
     in_flight: Option<(u64, u64, u64)>,
     durable_through: u64,
@@ -482,6 +494,7 @@ impl DiskLog {
             next_seq: segments.next_seq,
             pending: Vec::new(),
             pending_first: segments.next_seq,
+            pending_keys: false,
             in_flight: None,
             durable_through: segments.next_seq - 1,
             thread_lost_from: None,
@@ -620,7 +633,9 @@ impl Log for DiskLog {
         let seq = self.next_seq;
         if self.pending.is_empty() {
             self.pending_first = seq;
+            self.pending_keys = false;
         }
+        self.pending_keys |= record.key.is_some();
         if encode_record(&mut self.pending, seq, &record).is_none() {
             return Err(Unavailable(
                 "the change is too large for one log record".into(),
@@ -636,7 +651,13 @@ impl Log for DiskLog {
             let bytes = std::mem::take(&mut self.pending);
             let (first, last) = (self.pending_first, self.next_seq - 1);
             let len = bytes.len() as u64;
-            if self.send(Command::Batch { first, last, bytes }) {
+            let keys = self.pending_keys;
+            if self.send(Command::Batch {
+                first,
+                last,
+                bytes,
+                keys,
+            }) {
                 self.in_flight = Some((first, last, len));
                 self.stats.batches_total += 1;
             } else {
