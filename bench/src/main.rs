@@ -31,7 +31,10 @@ scenarios:
              the server's resident memory per connection
   handshake  connect, upgrade, close, in a loop; reports handshakes/s
   ops        W writers doing reserve/release/commit/batch on N SKUs with Zipf skew; reports
-             acked ops/s, ack latency, rejections by code (stocksync only: needs acks)
+             acked ops/s, ack latency, rejections by code (stocksync only: needs acks);
+             --mix increase --batch N: N `increase 1` per message (ops/s and messages/s);
+             --server-pid P: the server's CPU over the window; --metrics: growth of the
+             server's /metrics counters over the window
 
 common flags:
   --addr 127.0.0.1:2346   server address
@@ -68,7 +71,7 @@ fn main() {
         "fanout" => (fanout::FLAGS, fanout::SWITCHES, fanout::run),
         "idle" => (idle::FLAGS, idle::SWITCHES, idle::run),
         "handshake" => (handshake::FLAGS, &[], handshake::run),
-        "ops" => (ops::FLAGS, &[], ops::run),
+        "ops" => (ops::FLAGS, ops::SWITCHES, ops::run),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             return;

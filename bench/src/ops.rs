@@ -5,6 +5,13 @@
 //!
 //! stocksync-specific: measured from acks and errors (the peers do not ack). Reports acked ops/s,
 //! ack latency and rejections by error code.
+//!
+//! `--mix increase --batch N`: every message is a `stock_batch` of N `increase 1` ops (N = 1 sends
+//! the plain `stock_update`), so ops/s counts ops and messages/s counts messages (and acks).
+//!
+//! Given `--server-pid`, the server's CPU time (all its threads) over the measured window; given
+//! `--metrics`, the growth of every counter of the server's `GET /metrics` (plain HTTP on
+//! `--addr`) over the same window: fsyncs, log batches and socket writes per op come from these.
 
 use crate::args::Args;
 use crate::net::{Conn, Phase};
@@ -14,6 +21,7 @@ use crate::wire;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 pub const FLAGS: &[&str] = &[
@@ -31,7 +39,20 @@ pub const FLAGS: &[&str] = &[
     "source-first",
     "connect-concurrency",
     "mix",
+    "batch",
+    "server-pid",
 ];
+
+pub const SWITCHES: &[&str] = &["metrics"];
+
+/// `--batch` at most: PROTOCOL.md allows 100 ops per `stock_batch` (`too_large` past that).
+const BATCH_OPS_MAX: usize = 100;
+
+/// How long each `GET /metrics` may take (connect, send, read) before the sample is given up.
+const METRICS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A `/metrics` response larger than this is refused (the whole exposition is a few KiB).
+const METRICS_BYTES_MAX: u64 = 1 << 20;
 
 /// SKUs set per message during setup.
 const SETUP_BATCH_SKUS: usize = 100;
@@ -60,6 +81,8 @@ struct Workload {
     /// `--mix increase`: every op is `increase 1` (never refused; the shape `redis-benchmark`
     /// runs against the same Lua script). Default `checkout`: the reserve/release/commit/batch mix.
     increase_only: bool,
+    /// Ops per message with `increase_only`: 1 sends a `stock_update`, more a `stock_batch`.
+    batch: usize,
 }
 
 impl Workload {
@@ -80,7 +103,24 @@ impl Workload {
         let roll = next_u64(&mut writer.rng) % 100;
         let sku = self.sku(&mut writer.rng);
         if self.increase_only {
-            let _ = write_op(&mut self.payload, sku, "increase", 1);
+            if self.batch == 1 {
+                let _ = write_op(&mut self.payload, sku, "increase", 1);
+            } else {
+                let _ = write!(self.payload, r#"{{"type":"stock_batch","ops":["#);
+                for line in 0..self.batch {
+                    let sku = if line == 0 {
+                        sku
+                    } else {
+                        self.sku(&mut writer.rng)
+                    };
+                    let comma = if line == 0 { "" } else { "," };
+                    let _ = write!(
+                        self.payload,
+                        r#"{comma}{{"id":"sku-{sku}","action":"increase","change":1}}"#
+                    );
+                }
+                let _ = write!(self.payload, "]}}");
+            }
             let mask = (next_u64(&mut writer.rng) as u32).to_le_bytes();
             wire::encode_client_frame(out, wire::OPCODE_TEXT, &self.payload, mask);
             writer.sent_at = Some(Instant::now());
@@ -186,6 +226,20 @@ pub fn run(args: &Args) -> Result<Value, String> {
     let count: u64 = args.get("count", 100_000_000)?;
     let label = args.string("label", "server");
     let in_flight_max: usize = args.get("connect-concurrency", 256)?;
+    let increase_only = match args.string("mix", "checkout").as_str() {
+        "checkout" => false,
+        "increase" => true,
+        other => return Err(format!("--mix: `{other}` is not checkout or increase")),
+    };
+    let batch: usize = args.get("batch", 1)?;
+    if !(1..=BATCH_OPS_MAX).contains(&batch) {
+        return Err(format!("--batch: {batch} is not in 1..={BATCH_OPS_MAX}"));
+    }
+    if batch > 1 && !increase_only {
+        return Err("--batch applies to --mix increase only".into());
+    }
+    let server_pid: Option<u32> = args.opt("server-pid")?;
+    let metrics = args.switch("metrics");
     let cpu_at_start = stats::own_cpu();
     let mut looper = Looper::new()?;
     let mut conns: Vec<Conn<Writer>> = Vec::with_capacity(writers);
@@ -267,12 +321,11 @@ pub fn run(args: &Args) -> Result<Value, String> {
         count,
         stop: false,
         payload: Vec::with_capacity(256),
-        increase_only: match args.string("mix", "checkout").as_str() {
-            "checkout" => false,
-            "increase" => true,
-            other => return Err(format!("--mix: `{other}` is not checkout or increase")),
-        },
+        increase_only,
+        batch,
     };
+    let metrics_before = metrics.then(|| fetch_counters(target.addr));
+    let server_cpu_before = server_pid.and_then(process_cpu);
     tally.measuring = true;
     let begin = Instant::now();
     for conn in conns.iter_mut().filter(|conn| conn.phase == Phase::Open) {
@@ -299,9 +352,9 @@ pub fn run(args: &Args) -> Result<Value, String> {
         if now >= next_progress {
             let rejected: u64 = tally.rejected.values().sum();
             eprintln!(
-                "[{label}] t={:.0}s acked/s={} rejected={rejected} p99={:.0}us",
+                "[{label}] t={:.0}s acked ops/s={} rejected={rejected} p99={:.0}us",
                 (now - begin).as_secs_f64(),
-                tally.acked - last_acked,
+                (tally.acked - last_acked) * batch as u64,
                 tally.histogram.value_at_quantile(0.99) as f64 / 1000.0
             );
             last_acked = tally.acked;
@@ -309,8 +362,30 @@ pub fn run(args: &Args) -> Result<Value, String> {
         }
     }
     let elapsed = begin.elapsed();
+    let server_cpu_after = server_pid.and_then(process_cpu);
+    let metrics_after = metrics.then(|| fetch_counters(target.addr));
     workload.stop = true;
     let rejected: u64 = tally.rejected.values().sum();
+    // A batch is acked or refused whole, so acked ops are acked messages times the batch size.
+    let acked_ops = tally.acked * batch as u64;
+    let seconds = elapsed.as_secs_f64();
+    let server_cpu = match (server_cpu_before, server_cpu_after) {
+        (Some(before), Some(after)) => {
+            let cpu_s = (after - before).max(0.0);
+            json!({
+                "pid": server_pid,
+                "cpu_s": stats::round3(cpu_s),
+                "core_share": stats::round3(cpu_s / seconds.max(1e-9)),
+                "cpu_us_per_op": stats::round3(cpu_s * 1e6 / (acked_ops.max(1) as f64)),
+            })
+        }
+        _ => Value::Null,
+    };
+    let server_metrics = match (metrics_before, metrics_after) {
+        (Some(Ok(before)), Some(Ok(after))) => json!(counter_growth(&before, &after)),
+        (Some(Err(error)), _) | (_, Some(Err(error))) => json!({ "error": error }),
+        _ => Value::Null,
+    };
     Ok(json!({
         "scenario": "ops",
         "label": label,
@@ -318,14 +393,175 @@ pub fn run(args: &Args) -> Result<Value, String> {
         "skus": skus,
         "skew": skew,
         "stock": stock,
-        "elapsed_s": stats::round3(elapsed.as_secs_f64()),
-        "acked": tally.acked,
-        "acked_per_s": stats::round3(tally.acked as f64 / elapsed.as_secs_f64()),
+        "batch": batch,
+        "elapsed_s": stats::round3(seconds),
+        // `acked` and `acked_per_s` count ops; `rejected` and the replies count messages.
+        "acked": acked_ops,
+        "acked_per_s": stats::round3(acked_ops as f64 / seconds),
+        "messages_acked": tally.acked,
+        "messages_per_s": stats::round3(tally.acked as f64 / seconds),
         "rejected": rejected,
-        "replies_per_s": stats::round3((tally.acked + rejected) as f64 / elapsed.as_secs_f64()),
+        "replies_per_s": stats::round3((tally.acked + rejected) as f64 / seconds),
         "rejected_by_code": tally.rejected,
         "ack_latency_us": stats::latency_summary_us(&tally.histogram),
         "tool_cpu": stats::cpu_report(cpu_at_start, elapsed),
+        "server_cpu": server_cpu,
+        "server_metrics": server_metrics,
         "closes": looper.closes.to_json(),
     }))
+}
+
+/// User plus system CPU seconds of process `pid` (all its threads), from /proc/PID/stat.
+fn process_cpu(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // proc(5): the command name in field 2 may hold spaces and parentheses, so count fields
+    // after its closing ')'; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks_per_s <= 0 {
+        return None;
+    }
+    Some((utime + stime) as f64 / ticks_per_s as f64)
+}
+
+/// Every counter (`*_total`, with its labels) of `GET /metrics` on `addr`.
+fn fetch_counters(addr: SocketAddr) -> Result<BTreeMap<String, f64>, String> {
+    let text = http_get(addr, "/metrics").map_err(|error| format!("GET /metrics: {error}"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("GET /metrics: no end of head")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        let status = head.lines().next().unwrap_or("");
+        return Err(format!("GET /metrics: `{status}`"));
+    }
+    Ok(parse_counters(body))
+}
+
+/// Counter samples of a Prometheus text exposition: `name{labels} value` lines whose name ends
+/// in `_total`, keyed by name and labels as written.
+fn parse_counters(body: &str) -> BTreeMap<String, f64> {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let name = series.split('{').next()?;
+            if !name.ends_with("_total") {
+                return None;
+            }
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `after - before` of every counter that grew (a counter missing before counts from 0).
+fn counter_growth(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(series, value)| (series, value - before.get(series).copied().unwrap_or(0.0)))
+        .filter(|(_, growth)| *growth > 0.0)
+        .map(|(series, growth)| (series.clone(), growth))
+        .collect()
+}
+
+/// A blocking HTTP/1.1 GET with `Connection: close`; the whole response as text.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, METRICS_TIMEOUT)?;
+    stream.set_read_timeout(Some(METRICS_TIMEOUT))?;
+    stream.set_write_timeout(Some(METRICS_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.take(METRICS_BYTES_MAX).read_to_end(&mut response)?;
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_the_total_series_with_their_labels() {
+        let body = "# HELP stocksync_log_fsyncs_total fdatasync calls on the log.\n\
+                    # TYPE stocksync_log_fsyncs_total counter\n\
+                    stocksync_log_fsyncs_total 12\n\
+                    stocksync_ops_total{action=\"increase\",result=\"ok\"} 30\n\
+                    stocksync_connections_open 64\n\
+                    stocksync_ack_latency_seconds_count 7\n";
+        let counters = parse_counters(body);
+        let expected: BTreeMap<String, f64> = [
+            ("stocksync_log_fsyncs_total".to_string(), 12.0),
+            (
+                "stocksync_ops_total{action=\"increase\",result=\"ok\"}".to_string(),
+                30.0,
+            ),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(counters, expected);
+    }
+
+    #[test]
+    fn growth_keeps_counters_that_grew_and_counts_new_ones_from_zero() {
+        let before: BTreeMap<String, f64> =
+            [("a_total".to_string(), 5.0), ("b_total".to_string(), 2.0)]
+                .into_iter()
+                .collect();
+        let after: BTreeMap<String, f64> = [
+            ("a_total".to_string(), 9.0),
+            ("b_total".to_string(), 2.0),
+            ("c_total".to_string(), 3.0),
+        ]
+        .into_iter()
+        .collect();
+        let expected: BTreeMap<String, f64> =
+            [("a_total".to_string(), 4.0), ("c_total".to_string(), 3.0)]
+                .into_iter()
+                .collect();
+        assert_eq!(counter_growth(&before, &after), expected);
+    }
+
+    /// One op per message is the plain `stock_update` scripts and peers have always been sent;
+    /// N ops are one `stock_batch` of N `increase 1`.
+    #[test]
+    fn increase_messages_hold_batch_ops() {
+        for (batch, ops) in [(1, 1), (10, 10)] {
+            let mut workload = Workload {
+                cdf: zipf_cdf(10, 0.0),
+                sent: 0,
+                count: 10,
+                stop: false,
+                payload: Vec::new(),
+                increase_only: true,
+                batch,
+            };
+            let mut writer = Writer {
+                sent_at: None,
+                rng: 7,
+            };
+            let mut frame = Vec::new();
+            assert!(workload.next(&mut writer, &mut frame));
+            let payload: Value = serde_json::from_slice(&workload.payload).unwrap();
+            if batch == 1 {
+                assert_eq!(payload["type"], "stock_update");
+                assert_eq!(payload["stock"]["action"], "increase");
+                assert_eq!(payload["stock"]["change"], 1);
+            } else {
+                assert_eq!(payload["type"], "stock_batch");
+                let lines = payload["ops"].as_array().unwrap();
+                assert_eq!(lines.len(), ops);
+                assert!(lines
+                    .iter()
+                    .all(|op| op["action"] == "increase" && op["change"] == 1));
+            }
+        }
+    }
 }

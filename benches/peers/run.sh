@@ -14,7 +14,8 @@ case "${1:-}" in
   build)
     (cd "$here/node-ws" && npm install --no-audit --no-fund --silent)
     for crate in tokio-tungstenite fastwebsockets; do
-      (cd "$here/$crate" && cargo build --release --quiet)
+      # Its own target dir even when CARGO_TARGET_DIR is set: run below looks for it there.
+      (cd "$here/$crate" && CARGO_TARGET_DIR="$here/$crate/target" cargo build --release --quiet)
     done
     ;;
   node-ws)
