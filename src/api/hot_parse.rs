@@ -261,11 +261,11 @@ mod tests {
         good: &'static [&'static str],
         bad: &'static [&'static str],
     ) -> BoxedStrategy<Option<String>> {
-        let named = move |v: &str| Some(format!("\"{name}\":{v}"));
+        let named = move |v: &'static str| Some(format!("\"{name}\":{v}"));
         prop_oneof![
             absent => Just(None),
-            16 => proptest::sample::select(good).prop_map(move |v| named(v)),
-            1 => proptest::sample::select(bad).prop_map(move |v| named(v)),
+            16 => proptest::sample::select(good).prop_map(named),
+            1 => proptest::sample::select(bad).prop_map(named),
         ]
         .boxed()
     }
@@ -274,12 +274,51 @@ mod tests {
     /// out of range or repeated.
     fn op() -> impl Strategy<Value = String> {
         let fields = (
-            field("id", 1, &["\"a\"", "\"sku-1\""], &["\"a\\/b\"", "\"\"", "\"batch\"", "\"b c\"", "1", "null"]),
-            field("action", 1, &["\"increase\"", "\"set\"", "\"reserve\"", "\"release\""], &["\"steal\"", "null", "1"]),
-            field("change", 1, &["1", "5"], &["0", "-1", "1.5", "2.0", "\"1\"", "null", "18446744073709551616", "1000000001"]),
-            field("quantity", 1, &["0", "7"], &["-1", "1e3", "null", "1000000000001"]),
-            field("if_version", 6, &["0", "3"], &["-2", "null", "\"3\"", "1.0"]),
-            field("idempotency_key", 6, &["\"k\"", "\"j\""], &["\"\"", "null", "1", "\"k\\u0041\""]),
+            field(
+                "id",
+                1,
+                &["\"a\"", "\"sku-1\""],
+                &["\"a\\/b\"", "\"\"", "\"batch\"", "\"b c\"", "1", "null"],
+            ),
+            field(
+                "action",
+                1,
+                &["\"increase\"", "\"set\"", "\"reserve\"", "\"release\""],
+                &["\"steal\"", "null", "1"],
+            ),
+            field(
+                "change",
+                1,
+                &["1", "5"],
+                &[
+                    "0",
+                    "-1",
+                    "1.5",
+                    "2.0",
+                    "\"1\"",
+                    "null",
+                    "18446744073709551616",
+                    "1000000001",
+                ],
+            ),
+            field(
+                "quantity",
+                1,
+                &["0", "7"],
+                &["-1", "1e3", "null", "1000000000001"],
+            ),
+            field(
+                "if_version",
+                6,
+                &["0", "3"],
+                &["-2", "null", "\"3\"", "1.0"],
+            ),
+            field(
+                "idempotency_key",
+                6,
+                &["\"k\"", "\"j\""],
+                &["\"\"", "null", "1", "\"k\\u0041\""],
+            ),
             field("hold", 30, &["\"cart-1\"", "null"], &["\"bad hold\"", "1"]),
             field("ttl_ms", 6, &["60000", "null"], &["5", "\"x\"", "86400001"]),
             field("action", 80, &["\"set\""], &["\"increase\""]),
@@ -295,12 +334,29 @@ mod tests {
 
     /// Messages built from the fields the contract knows, each sometimes wrong in some way.
     fn message() -> impl Strategy<Value = String> {
-        let kind = proptest::sample::select(&[
-            "\"stock_update\"", "\"stock_update\"", "\"stock_batch\"", "\"stock_batch\"",
-            "\"subscribe\"", "\"unsubscribe\"", "\"get\"", "\"ping\"", "\"hold\"", "null", "5",
-        ][..]);
-        let id = field("id", 2, &["1", "\"r-1\"", "-4", "2.5"], &["null", "[1]", "{}", "\"a\\\"b\""]);
-        let stock = prop_oneof![1 => Just(None), 6 => op().prop_map(Some), 1 => Just(Some("null".into()))];
+        let kind = proptest::sample::select(
+            &[
+                "\"stock_update\"",
+                "\"stock_update\"",
+                "\"stock_batch\"",
+                "\"stock_batch\"",
+                "\"subscribe\"",
+                "\"unsubscribe\"",
+                "\"get\"",
+                "\"ping\"",
+                "\"hold\"",
+                "null",
+                "5",
+            ][..],
+        );
+        let id = field(
+            "id",
+            2,
+            &["1", "\"r-1\"", "-4", "2.5"],
+            &["null", "[1]", "{}", "\"a\\\"b\""],
+        );
+        let stock =
+            prop_oneof![1 => Just(None), 6 => op().prop_map(Some), 1 => Just(Some("null".into()))];
         let ops = prop_oneof![
             1 => Just(None),
             5 => proptest::collection::vec(op(), 0..5).prop_map(|ops| Some(format!("[{}]", ops.join(",")))),

@@ -16,6 +16,7 @@
 
 pub mod holds;
 pub mod idempotency;
+mod name_index;
 pub mod ops;
 pub mod sku;
 pub mod store;

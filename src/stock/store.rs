@@ -18,13 +18,14 @@
 //!   broadcast.
 //! - A `SkuId` that is not live in this store is a programmer error and panics.
 
+use super::ops::{Action, BatchError, Op, OpError, ON_HAND_MAX};
 use std::collections::HashMap;
 
-use super::ops::{Action, BatchError, Op, OpError, ON_HAND_MAX};
+use super::name_index::NameIndex;
 use super::sku;
 
 /// Most SKU slots one store can hold: a [`SkuId`] is a `u32`. Memory runs out long before this
-/// (each slot holds a name of up to 128 bytes twice); callers cap SKUs through config, using
+/// (each slot holds a name of up to 128 bytes); callers cap SKUs through config, using
 /// [`Store::interned_len`].
 pub const SKUS_MAX: usize = u32::MAX as usize;
 
@@ -75,7 +76,7 @@ impl Stock {
 pub struct SkuId(pub u32);
 
 impl SkuId {
-    fn slot(self) -> usize {
+    pub(super) fn slot(self) -> usize {
         self.0 as usize
     }
 }
@@ -99,10 +100,8 @@ pub struct Store {
     /// Slot -> state, kept apart from names so scans of `known()` stay dense.
     /// INVARIANT: every entry `is_valid_stored()`; a free slot holds `Stock::default()`.
     stocks: Vec<Stock>,
-    /// Name -> slot for every live slot. foldhash with a per-process random seed: names come
-    /// from clients, so the hash must not be predictable (a fixed hash would let them pile
-    /// names into one bucket), and SipHash, the std default, was 40% of loading 1M SKUs.
-    ids: HashMap<Box<str>, SkuId, foldhash::fast::RandomState>,
+    /// Name -> slot for every live slot, by the names in `names`.
+    ids: NameIndex,
     /// Free slots, reused last-freed first.
     free: Vec<SkuId>,
     /// Slots with version > 0, so `known_len()` is O(1).
@@ -118,7 +117,8 @@ impl Store {
     /// The id of `name`, interning it if new. A new name gets a free slot (or a new one) with
     /// a never-written state. Refuses names that break the SKU rules.
     pub fn intern(&mut self, name: &str) -> Result<SkuId, OpError> {
-        if let Some(id) = self.lookup(name) {
+        let hash = self.ids.hash(name);
+        if let Some(id) = self.ids.find(&self.names, hash, name) {
             return Ok(id);
         }
         sku::validate(name)?;
@@ -135,13 +135,22 @@ impl Store {
                 SkuId(slot)
             }
         };
-        self.ids.insert(name.into(), id);
+        self.ids.insert(&self.names, hash, id);
         Ok(id)
+    }
+
+    /// Room for `additional` more SKUs without growing (recovery knows roughly how many are
+    /// coming; growing the name index rehashes every name).
+    pub fn reserve(&mut self, additional: usize) {
+        let additional = additional.min(SKUS_MAX - self.names.len());
+        self.names.reserve(additional);
+        self.stocks.reserve(additional);
+        self.ids.reserve(&self.names, additional);
     }
 
     /// The id of `name` if it is interned. Never allocates.
     pub fn lookup(&self, name: &str) -> Option<SkuId> {
-        self.ids.get(name).copied()
+        self.ids.find(&self.names, self.ids.hash(name), name)
     }
 
     /// The name `id` was interned with.
@@ -191,9 +200,10 @@ impl Store {
         if self.stocks[slot].is_known() {
             return false;
         }
-        let name = std::mem::take(&mut self.names[slot]);
-        let removed = self.ids.remove(&name);
-        assert_eq!(removed, Some(id), "name index out of step with slot {slot}");
+        let hash = self.ids.hash(&self.names[slot]);
+        let removed = self.ids.remove(hash, id);
+        assert!(removed, "name index out of step with slot {slot}");
+        self.names[slot] = Box::default();
         self.free.push(id);
         true
     }
