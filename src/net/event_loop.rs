@@ -64,6 +64,11 @@ pub struct EventLoop<H: Handler> {
     core: Core,
     read_buf: Vec<u8>,
     timer_out: Vec<Entry>,
+    /// The flush list's other half: `flush_all` works through one while the flushes it makes
+    /// add to the other (see there). Empty between iterations.
+    flush_spare: Vec<u32>,
+    /// Likewise for the re-read list.
+    read_spare: Vec<u32>,
     /// This iteration's readiness, copied out of `events` so handlers can borrow the loop.
     ready: Vec<(Token, bool, bool)>,
     /// When to try accepting again after a failed accept.
@@ -147,6 +152,8 @@ impl<H: Handler> EventLoop<H> {
             },
             read_buf: vec![0; READ_CHUNK_BYTES],
             timer_out: Vec::new(),
+            flush_spare: Vec::new(),
+            read_spare: Vec::new(),
             ready: Vec::with_capacity(EVENTS_PER_POLL_MAX),
             accept_retry_at_ms: None,
             tls: None,
@@ -635,13 +642,16 @@ impl<H: Handler> EventLoop<H> {
 
     fn reread(&mut self) {
         // Connections re-added while we work wait for the next iteration (zero poll timeout).
-        let list = std::mem::take(&mut self.core.read_list);
-        for index in list {
+        let spare = std::mem::take(&mut self.read_spare);
+        let mut list = std::mem::replace(&mut self.core.read_list, spare);
+        for &index in &list {
             if let Some(conn) = self.conns.get_mut(index as usize) {
                 conn.read_pending = false;
                 self.read(index);
             }
         }
+        list.clear();
+        self.read_spare = list;
     }
 
     fn expire_timers(&mut self) {
@@ -659,6 +669,9 @@ impl<H: Handler> EventLoop<H> {
             if conn.state == ConnState::Closed {
                 continue;
             }
+            // The connection's timer comes round at least once per ping or idle interval: if
+            // its queue is empty by then, the storage kept from its last burst goes back.
+            conn.send_queue.release_spare();
             let id = ConnId {
                 index: entry.index,
                 generation: entry.generation,
@@ -720,15 +733,20 @@ impl<H: Handler> EventLoop<H> {
     }
 
     fn flush_all(&mut self) {
-        let list = std::mem::take(&mut self.core.flush_list);
+        // The two lists take turns, so neither gives back its capacity: a list as long as the
+        // subscribers is not re-grown from empty on every loop turn.
+        let spare = std::mem::take(&mut self.flush_spare);
+        let mut list = std::mem::replace(&mut self.core.flush_list, spare);
         for &index in &list {
             if let Some(conn) = self.conns.get_mut(index as usize) {
                 conn.flush_pending = false;
             }
         }
-        for index in list {
+        for &index in &list {
             self.flush(index);
         }
+        list.clear();
+        self.flush_spare = list;
     }
 
     fn flush(&mut self, index: u32) {
