@@ -11,16 +11,14 @@
 //! (`Fanout::deliver_to_wildcard`).
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use serde_json::json;
-use stocksync::cli::Settings;
 
 mod common;
 #[path = "common/counting_alloc.rs"]
 mod counting_alloc;
 
-use common::{free_port, recv, request, send, set_timeout, stock_op, wait_listening, Ws, TOKEN};
+use common::{recv, request, send, start_in_process, stock_op, ws_at, Ws, TOKEN};
 
 /// Updates before each measurement: the server's lists and buffers reach their working size.
 const WARMUP_UPDATES: u64 = 50;
@@ -29,44 +27,10 @@ const MEASURED_UPDATES: u64 = 200;
 const FEW_SUBSCRIBERS: usize = 20;
 const MANY_SUBSCRIBERS: usize = 200;
 
-/// Starts the server the way the binary does (`start::run`), on a thread whose allocations
-/// are counted. It runs until the test process ends.
-fn start_counted_server() -> SocketAddr {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let args: Vec<String> = [
-        "--listen",
-        &addr.to_string(),
-        "--data-dir",
-        "none",
-        "--write-token",
-        TOKEN,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let settings = Settings::parse(&args, |_| None)
-        .expect("valid flags")
-        .expect("settings, not usage");
-    std::thread::spawn(move || {
-        counting_alloc::count_this_thread();
-        if let Err(e) = stocksync::server::start::run(settings) {
-            panic!("server failed: {e}");
-        }
-    });
-    wait_listening(addr);
-    addr
-}
-
-fn connect(addr: SocketAddr, path: &str) -> Ws {
-    let (ws, _) = tungstenite::connect(format!("ws://{addr}{path}")).expect("websocket connect");
-    set_timeout(&ws, Duration::from_secs(10));
-    ws
-}
-
 /// Adds subscribers until there are `count`: even ones name `named`, odd ones hear `*`.
 fn subscribe_up_to(addr: SocketAddr, subscribers: &mut Vec<Ws>, count: usize, named: &str) {
     while subscribers.len() < count {
-        let mut ws = connect(addr, "/ws");
+        let mut ws = ws_at(addr, "/ws");
         let skus = if subscribers.len() % 2 == 0 {
             json!([named])
         } else {
@@ -129,9 +93,9 @@ fn measure(
 
 #[test]
 fn a_delivery_allocates_nothing_per_subscriber() {
-    let addr = start_counted_server();
+    let addr = start_in_process(&[], counting_alloc::count_this_thread);
     let (named, other) = ("alloc-named", "alloc-other");
-    let mut writer = connect(addr, &format!("/ws?token={TOKEN}"));
+    let mut writer = ws_at(addr, &format!("/ws?token={TOKEN}"));
     let mut subscribers = Vec::new();
     let mut quantity = 0;
 
