@@ -154,9 +154,9 @@ pub struct Connection {
 }
 
 /// Bytes of loop state per connection, in a release build: 80 (128 before issue 12; the bound
-/// was 144, a debug build's size). The send queue 32, the two timer ticks 16, the peer's address and port
-/// 19, the socket and the generation 8, the flags 2, and the state, the close reason and the
-/// window exponent a byte each. Partial input (`EventLoop::pending_inputs`), TLS sessions
+/// was 144, a debug build's size). The send queue 32, the two timer ticks 16, the peer's
+/// address and port 19, the socket and the generation 8, the flags 2, and the state, the close
+/// reason and the window exponent a byte each. Partial input (`EventLoop::pending_inputs`), TLS sessions
 /// (`EventLoop::tls_sessions`) and proxied clients' addresses (`Core::proxied_clients`) live
 /// beside the slab, so an idle, plain, direct connection carries no state for any of them.
 /// Debug builds add 16 bytes: mio keeps a selector id in each socket there. The slab's entry is
