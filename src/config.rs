@@ -116,6 +116,10 @@ impl Limits {
         if self.send_queue_frames_max == 0 {
             return fail("send queue frame limit must be at least 1");
         }
+        // Each connection's decoder keeps the limit in 32 bits (`ws::Decoder`).
+        if self.ws_message_bytes_max > u32::MAX as usize {
+            return fail("WebSocket message limit must be below 4 GiB");
+        }
         // A whole maximum-size message plus a frame header must fit in the read buffer, or a
         // legal message could never be decoded (compressed, it may be a little longer).
         let ws_payload_bytes_max = if self.ws_compression {
@@ -161,5 +165,22 @@ mod tests {
             ..Default::default()
         };
         assert!(limits.validate().is_err());
+    }
+
+    #[test]
+    fn a_message_limit_past_32_bits_is_refused() {
+        let bytes = u32::MAX as usize + 1;
+        let limits = Limits {
+            ws_message_bytes_max: bytes,
+            ws_compression: false,
+            read_buffer_bytes_max: bytes + (1 << 20),
+            ..Default::default()
+        };
+        assert!(limits.validate().is_err());
+        let fits = Limits {
+            ws_message_bytes_max: bytes - 1,
+            ..limits
+        };
+        assert_eq!(fits.validate(), Ok(()));
     }
 }

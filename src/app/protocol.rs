@@ -36,9 +36,11 @@ struct ConnProto {
     last_input_ms: u64,
 }
 
-/// Per-connection protocol state stays at six words, as before permessage-deflate: the decoder's
-/// compression flag also holds `Phase`'s tag, and inflaters live only inside a message.
-const CONN_PROTO_BYTES_MAX: usize = 48;
+/// Per-connection protocol state: five words. The phase (four: for a WebSocket the decoder's
+/// two boxes, `None` while idle, its 32-bit message limit beside its compression flag, whose
+/// spare values also hold `Phase`'s tag, and the last ping) and the last input. 48 while the
+/// decoder kept its limit in a word of its own; inflaters live only inside a message.
+const CONN_PROTO_BYTES_MAX: usize = 40;
 const _: () = assert!(std::mem::size_of::<ConnProto>() <= CONN_PROTO_BYTES_MAX);
 
 /// Refused handshakes are warned about at most this often (a scan with bad tokens or a

@@ -14,21 +14,59 @@ use crate::stock::SkuId;
 /// Marks a dormant subscription (the connection has `*`).
 const DORMANT: u32 = u32::MAX;
 
+/// Marks a connection without `*` in `ConnSubs::wildcard_position`.
+const NO_WILDCARD: u32 = u32::MAX;
+
 impl ConnSubs {
     /// Where `sku` is (Ok) or would go (Err) in `skus`, which is sorted by SKU so that a
     /// connection naming thousands of SKUs is searched in log time, not scanned.
     fn find(&self, sku: SkuId) -> Result<usize, usize> {
         self.skus.binary_search_by_key(&sku, |&(k, _)| k)
     }
+
+    /// Position in `Subscriptions::wildcard`, if the connection hears `*`.
+    fn wildcard(&self) -> Option<u32> {
+        (self.wildcard_position != NO_WILDCARD).then_some(self.wildcard_position)
+    }
+
+    fn set_wildcard(&mut self, position: Option<u32>) {
+        // The list holds one entry per connection slot at most, far fewer than u32::MAX.
+        assert!(
+            position != Some(NO_WILDCARD),
+            "`*` list position out of range"
+        );
+        self.wildcard_position = position.unwrap_or(NO_WILDCARD);
+    }
+
+    fn take_wildcard(&mut self) -> Option<u32> {
+        let position = self.wildcard();
+        self.wildcard_position = NO_WILDCARD;
+        position
+    }
 }
 
-#[derive(Default)]
+/// One per connection slot: 32 bytes (the generation, the position in the `*` list with a
+/// sentinel for none instead of an `Option` and its padding, and the list of named SKUs, an
+/// empty `Vec` header for a connection that names none).
 struct ConnSubs {
     generation: u32,
+    /// Position in `wildcard`, or NO_WILDCARD.
+    wildcard_position: u32,
     /// (SKU, position in `by_sku[sku]`, or DORMANT), sorted by SKU.
     skus: Vec<(SkuId, u32)>,
-    /// Position in `wildcard`.
-    wildcard: Option<u32>,
+}
+
+const CONN_SUBS_BYTES_MAX: usize = 32;
+const _: () = assert!(std::mem::size_of::<ConnSubs>() <= CONN_SUBS_BYTES_MAX);
+
+impl Default for ConnSubs {
+    fn default() -> Self {
+        ConnSubs {
+            generation: 0,
+            wildcard_position: NO_WILDCARD,
+            skus: Vec::new(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -52,7 +90,7 @@ impl Subscriptions {
         let subs = &mut self.by_conn[index];
         if subs.generation != id.generation {
             // A previous connection in this slot left nothing behind (remove_conn empties it).
-            debug_assert!(subs.skus.is_empty() && subs.wildcard.is_none());
+            debug_assert!(subs.skus.is_empty() && subs.wildcard().is_none());
             subs.generation = id.generation;
         }
         subs
@@ -75,12 +113,12 @@ impl Subscriptions {
     }
 
     pub fn has_wildcard(&self, id: ConnId) -> bool {
-        self.conn(id).is_some_and(|s| s.wildcard.is_some())
+        self.conn(id).is_some_and(|s| s.wildcard().is_some())
     }
 
     pub fn is_subscribed(&self, id: ConnId, sku: SkuId) -> bool {
         self.conn(id)
-            .is_some_and(|s| s.wildcard.is_some() || s.find(sku).is_ok())
+            .is_some_and(|s| s.wildcard().is_some() || s.find(sku).is_ok())
     }
 
     /// The connections that hear about `sku`: named subscribers, then `*` subscribers; no
@@ -109,7 +147,7 @@ impl Subscriptions {
         let Err(at) = conn.find(sku) else {
             return false;
         };
-        let position = if conn.wildcard.is_some() {
+        let position = if conn.wildcard().is_some() {
             DORMANT
         } else {
             let list = &mut self.by_sku[slot];
@@ -124,13 +162,13 @@ impl Subscriptions {
     }
 
     pub fn subscribe_all(&mut self, id: ConnId) {
-        if self.conn_mut(id).wildcard.is_some() {
+        if self.conn_mut(id).wildcard().is_some() {
             return;
         }
         self.wildcard.push(id);
         let position = (self.wildcard.len() - 1) as u32;
         let index = id.index as usize;
-        self.by_conn[index].wildcard = Some(position);
+        self.by_conn[index].set_wildcard(Some(position));
         // Named subscriptions go dormant so no SKU lists this connection twice.
         for i in 0..self.by_conn[index].skus.len() {
             let (sku, pos) = self.by_conn[index].skus[i];
@@ -157,7 +195,7 @@ impl Subscriptions {
     fn detach_wildcard(&mut self, pos: u32) {
         self.wildcard.swap_remove(pos as usize);
         if let Some(&moved) = self.wildcard.get(pos as usize) {
-            self.by_conn[moved.index as usize].wildcard = Some(pos);
+            self.by_conn[moved.index as usize].set_wildcard(Some(pos));
         }
     }
 
@@ -180,12 +218,12 @@ impl Subscriptions {
 
     /// Removes the wildcard; dormant named subscriptions wake up.
     pub fn unsubscribe_all(&mut self, id: ConnId) {
-        let Some(pos) = self.conn(id).and_then(|c| c.wildcard) else {
+        let Some(pos) = self.conn(id).and_then(ConnSubs::wildcard) else {
             return;
         };
         self.detach_wildcard(pos);
         let index = id.index as usize;
-        self.by_conn[index].wildcard = None;
+        self.by_conn[index].set_wildcard(None);
         for i in 0..self.by_conn[index].skus.len() {
             let sku = self.by_conn[index].skus[i].0;
             let list = &mut self.by_sku[sku.0 as usize];
@@ -201,7 +239,7 @@ impl Subscriptions {
             return;
         }
         let index = id.index as usize;
-        if let Some(pos) = self.by_conn[index].wildcard.take() {
+        if let Some(pos) = self.by_conn[index].take_wildcard() {
             self.detach_wildcard(pos);
         }
         let skus = std::mem::take(&mut self.by_conn[index].skus);

@@ -88,39 +88,63 @@ impl CloseReason {
     }
 }
 
+/// A connection's yes/no states, one bit each: as nine `bool`s they took nine bytes and pushed
+/// `Connection` a word over (see `CONNECTION_BYTES_MAX`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flags(u16);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Flag {
+    /// WRITABLE interest is registered (only while the queue is non-empty).
+    WriteRegistered = 1 << 0,
+    /// In the loop's list of connections to flush before sleeping.
+    FlushPending = 1 << 1,
+    /// In the loop's list of connections to read again (fairness budget or resumed reading).
+    ReadPending = 1 << 2,
+    /// Reading stopped because our queue to this peer is above the high mark: a client that
+    /// sends requests but never reads replies must not grow our memory.
+    ReadPaused = 1 << 3,
+    /// Above the high mark; `on_buffer_drain` fires when it falls below the low mark.
+    AboveHighMark = 1 << 4,
+    /// The handler asked for `on_buffer_drain` once the queue is at or below the low mark,
+    /// whether or not it passed the high mark (chunked replies built one at a time).
+    DrainWanted = 1 << 5,
+    /// The handler stopped reading this connection (writes in flight at their bound); it is
+    /// read again when the handler releases it.
+    ReadsHeld = 1 << 6,
+    /// The hard limit was hit (signalled once; the connection is then closed).
+    OverHardLimit = 1 << 7,
+    /// Bytes read but not yet consumed by the handler (a partial frame or request) wait in the
+    /// loop's `pending_inputs`, beside the slab.
+    HoldsInput = 1 << 8,
+}
+
+impl Flags {
+    pub fn has(self, flag: Flag) -> bool {
+        self.0 & flag as u16 != 0
+    }
+
+    pub fn set(&mut self, flag: Flag, on: bool) {
+        if on {
+            self.0 |= flag as u16;
+        } else {
+            self.0 &= !(flag as u16);
+        }
+    }
+}
+
 pub struct Connection {
     pub stream: TcpStream,
     pub generation: u32,
     pub state: ConnState,
     pub peer_ip: IpAddr,
     pub peer_port: u16,
-    /// Bytes read but not yet consumed by the handler (a partial frame or request). Empty and
-    /// unallocated for an idle connection: input is read into the loop's shared buffer.
-    /// INVARIANT: `pending_input.len() <= Limits::read_buffer_bytes_max`.
-    pub pending_input: Vec<u8>,
     pub send_queue: SendQueue,
-    /// WRITABLE interest is registered (only while the queue is non-empty).
-    pub write_registered: bool,
-    /// In the loop's list of connections to flush before sleeping.
-    pub flush_pending: bool,
-    /// In the loop's list of connections to read again (fairness budget or resumed reading).
-    pub read_pending: bool,
-    /// Reading stopped because our queue to this peer is above the high mark: a client that
-    /// sends requests but never reads replies must not grow our memory.
-    pub read_paused: bool,
-    /// Above the high mark; `on_buffer_drain` fires when it falls below the low mark.
-    pub above_high_mark: bool,
-    /// The handler asked for `on_buffer_drain` once the queue is at or below the low mark,
-    /// whether or not it passed the high mark (chunked replies built one at a time).
-    pub drain_wanted: bool,
-    /// The handler stopped reading this connection (writes in flight at their bound); it is
-    /// read again when the handler releases it.
-    pub reads_held: bool,
-    /// The hard limit was hit (signalled once; the connection is then closed).
-    pub over_hard_limit: bool,
+    pub flags: Flags,
     /// The peer takes compressed frames decompressed with a window of 2^this bytes (0: it takes
     /// none): queued frames whose compressed twin fits it are sent as the twin. A power of two
-    /// kept as its exponent, so the field fits in a byte of what was padding.
+    /// kept as its exponent, so the field fits in a byte.
     pub compressed_window_bits: u8,
     pub close_reason: Option<CloseReason>,
     /// The handler's deadline (timer ticks), 0 = none.
@@ -129,13 +153,15 @@ pub struct Connection {
     pub armed_tick: u64,
 }
 
-/// Bytes of loop state per connection: 128 before permessage-deflate; its one byte
-/// (`compressed_window_bits`) costs a word of alignment, and the handler's two flags
-/// (`drain_wanted` for chunked snapshots, `reads_held` for bounded writes in flight) another.
-/// TLS sessions (`EventLoop::tls_sessions`) and proxied clients' addresses
-/// (`Core::proxied_clients`) live beside the slab, so a plain, direct connection carries no
-/// state for either. Raise only with a reason.
-const CONNECTION_BYTES_MAX: usize = 144;
+/// Bytes of loop state per connection, in a release build: 80 (128 before issue 12; the bound
+/// was 144, a debug build's size). The send queue 32, the two timer ticks 16, the peer's
+/// address and port 19, the socket and the generation 8, the flags 2, and the state, the close
+/// reason and the window exponent a byte each. Partial input (`EventLoop::pending_inputs`), TLS sessions
+/// (`EventLoop::tls_sessions`) and proxied clients' addresses (`Core::proxied_clients`) live
+/// beside the slab, so an idle, plain, direct connection carries no state for any of them.
+/// Debug builds add 16 bytes: mio keeps a selector id in each socket there. The slab's entry is
+/// no bigger (its tag hides in the state's spare values). Raise only with a reason.
+const CONNECTION_BYTES_MAX: usize = if cfg!(debug_assertions) { 96 } else { 80 };
 const _: () = assert!(std::mem::size_of::<Connection>() <= CONNECTION_BYTES_MAX);
 
 impl Connection {
@@ -146,16 +172,8 @@ impl Connection {
             state: ConnState::Open,
             peer_ip,
             peer_port,
-            pending_input: Vec::new(),
             send_queue: SendQueue::default(),
-            write_registered: false,
-            flush_pending: false,
-            read_pending: false,
-            read_paused: false,
-            above_high_mark: false,
-            drain_wanted: false,
-            reads_held: false,
-            over_hard_limit: false,
+            flags: Flags::default(),
             compressed_window_bits: 0,
             close_reason: None,
             deadline_tick: 0,

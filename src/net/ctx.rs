@@ -8,11 +8,11 @@ use std::time::Instant;
 use mio::Registry;
 use slab::Slab;
 
-use super::connection::{CloseReason, ConnId, ConnState, Connection};
+use super::connection::{CloseReason, ConnId, ConnState, Connection, Flag};
 use super::handler::{LoopStats, Pressure, SendStatus};
 use super::outbound::{OutboundId, OutboundSet};
 use super::send_queue::Frame;
-use super::timer::{Entry, TimerWheel};
+use super::timer::TimerWheel;
 use crate::config::Limits;
 
 /// Loop state besides the connections, borrowed by [`Ctx`].
@@ -149,11 +149,13 @@ impl Ctx<'_> {
     /// The connection's backlog passed the hard limit: it is about to be closed, so nothing
     /// more should be done for it (no further requests answered).
     pub fn is_over_limit(&self, id: ConnId) -> bool {
-        self.conn(id).is_some_and(|c| c.over_hard_limit)
+        self.conn(id)
+            .is_some_and(|c| c.flags.has(Flag::OverHardLimit))
     }
 
     pub fn is_full(&self, id: ConnId) -> bool {
-        self.conn(id).is_some_and(|c| c.above_high_mark)
+        self.conn(id)
+            .is_some_and(|c| c.flags.has(Flag::AboveHighMark))
     }
 
     /// Every connection still open (for shutdown).
@@ -187,11 +189,11 @@ impl Ctx<'_> {
             if conn.state != ConnState::Open {
                 return;
             }
-            conn.drain_wanted = true;
+            conn.flags.set(Flag::DrainWanted, true);
             // The check runs after a flush; make sure one happens even if nothing else is
             // queued (an empty queue is drained at once).
-            if !conn.flush_pending && !conn.write_registered {
-                conn.flush_pending = true;
+            if !conn.flags.has(Flag::FlushPending) && !conn.flags.has(Flag::WriteRegistered) {
+                conn.flags.set(Flag::FlushPending, true);
                 core.flush_list.push(id.index);
             }
         }
@@ -205,15 +207,17 @@ impl Ctx<'_> {
         let Some(conn) = live_mut(self.conns, id) else {
             return;
         };
-        if conn.reads_held == hold {
+        if conn.flags.has(Flag::ReadsHeld) == hold {
             return;
         }
-        conn.reads_held = hold;
-        if !hold && conn.read_paused && conn.send_queue.bytes() <= core.limits.send_queue_high_bytes
+        conn.flags.set(Flag::ReadsHeld, hold);
+        if !hold
+            && conn.flags.has(Flag::ReadPaused)
+            && conn.send_queue.bytes() <= core.limits.send_queue_high_bytes
         {
-            conn.read_paused = false;
-            if !conn.read_pending {
-                conn.read_pending = true;
+            conn.flags.set(Flag::ReadPaused, false);
+            if !conn.flags.has(Flag::ReadPending) {
+                conn.flags.set(Flag::ReadPending, true);
                 core.read_list.push(id.index);
             }
         }
@@ -240,7 +244,7 @@ impl Ctx<'_> {
         if conn.state != ConnState::Open {
             return SendStatus::Closed;
         }
-        if unless_full && conn.above_high_mark {
+        if unless_full && conn.flags.has(Flag::AboveHighMark) {
             return SendStatus::Full;
         }
         // The compressed twin, when the peer takes it: built once per frame, on the first such
@@ -257,20 +261,20 @@ impl Ctx<'_> {
         conn.send_queue.push(frame);
         // A connection waiting for writability is flushed by its WRITABLE event; trying it
         // every iteration would only repeat a write the kernel refuses with EAGAIN.
-        if !conn.flush_pending && !conn.write_registered {
-            conn.flush_pending = true;
+        if !conn.flags.has(Flag::FlushPending) && !conn.flags.has(Flag::WriteRegistered) {
+            conn.flags.set(Flag::FlushPending, true);
             core.flush_list.push(id.index);
         }
         let bytes = conn.send_queue.bytes();
-        if !conn.above_high_mark && bytes > core.limits.send_queue_high_bytes {
-            conn.above_high_mark = true;
+        if !conn.flags.has(Flag::AboveHighMark) && bytes > core.limits.send_queue_high_bytes {
+            conn.flags.set(Flag::AboveHighMark, true);
             core.pressure_list.push((id, Pressure::High));
         }
-        if backlog_over_hard && !conn.over_hard_limit {
-            conn.over_hard_limit = true;
+        if backlog_over_hard && !conn.flags.has(Flag::OverHardLimit) {
+            conn.flags.set(Flag::OverHardLimit, true);
             core.pressure_list.push((id, Pressure::Hard));
         }
-        if conn.above_high_mark {
+        if conn.flags.has(Flag::AboveHighMark) {
             SendStatus::Full
         } else {
             SendStatus::Queued
@@ -286,8 +290,8 @@ impl Ctx<'_> {
                 return;
             }
             conn.send_queue.push(frame);
-            if !conn.flush_pending {
-                conn.flush_pending = true;
+            if !conn.flags.has(Flag::FlushPending) {
+                conn.flags.set(Flag::FlushPending, true);
                 core.flush_list.push(id.index);
             }
         }
@@ -306,8 +310,8 @@ impl Ctx<'_> {
         }
         conn.state = ConnState::Closing;
         conn.close_reason = Some(CloseReason::Local);
-        if !conn.flush_pending {
-            conn.flush_pending = true;
+        if !conn.flags.has(Flag::FlushPending) {
+            conn.flags.set(Flag::FlushPending, true);
             core.flush_list.push(id.index);
         }
         arm(core, id, conn, now + linger);
@@ -368,11 +372,7 @@ pub(super) fn arm(core: &mut Core, id: ConnId, conn: &mut Connection, at_ms: u64
     conn.deadline_tick = tick;
     if conn.armed_tick == 0 || tick < conn.armed_tick {
         conn.armed_tick = tick;
-        core.timers.schedule(Entry {
-            index: id.index,
-            generation: id.generation,
-            tick,
-        });
+        core.timers.schedule(id.index, tick);
     }
 }
 

@@ -18,7 +18,7 @@ use mio::net::{TcpListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use super::connection::{CloseReason, ConnId, ConnState, Connection};
+use super::connection::{CloseReason, ConnId, ConnState, Connection, Flag};
 use super::ctx::{mark_closed, Core, Ctx};
 use super::handler::{Handler, LoopStats, Pressure};
 use super::send_queue::Flushed;
@@ -64,12 +64,25 @@ pub struct EventLoop<H: Handler> {
     core: Core,
     read_buf: Vec<u8>,
     timer_out: Vec<Entry>,
+    /// The flush list's other half: `flush_all` works through one while the flushes it makes
+    /// add to the other (see there). Empty between iterations.
+    flush_spare: Vec<u32>,
+    /// Likewise for the re-read list.
+    read_spare: Vec<u32>,
     /// This iteration's readiness, copied out of `events` so handlers can borrow the loop.
     ready: Vec<Readiness>,
     /// When to try accepting again after a failed accept.
     accept_retry_at_ms: Option<u64>,
     /// Set when the listener speaks TLS: every accepted connection gets a session from it.
     tls: Option<TlsAcceptor>,
+    /// Input read but not yet consumed by the handler (a partial frame or request), by slab
+    /// index. Beside the slab rather than in `Connection`: few connections have a message
+    /// half-arrived at any moment, so the others carry no buffer header for it; input is read
+    /// into the loop's one shared buffer and copied out only when a partial message is left.
+    /// INVARIANT: holds an entry for slot `i` exactly while `conns[i]` has
+    /// `Flag::HoldsInput`, and
+    /// every entry's length is at most `Limits::read_buffer_bytes_max`.
+    pending_inputs: HashMap<u32, Vec<u8>>,
     /// Each TLS connection's session, by slab index (`None` for free slots). Beside the slab
     /// rather than in `Connection`, so that a plain server's connections carry no TLS state at
     /// all; empty unless the listener speaks TLS. A rustls session is about a kilobyte: boxed.
@@ -156,9 +169,12 @@ impl<H: Handler> EventLoop<H> {
             },
             read_buf: vec![0; READ_CHUNK_BYTES],
             timer_out: Vec::new(),
+            flush_spare: Vec::new(),
+            read_spare: Vec::new(),
             ready: Vec::with_capacity(EVENTS_PER_POLL_MAX),
             accept_retry_at_ms: None,
             tls: None,
+            pending_inputs: HashMap::new(),
             tls_sessions: Vec::new(),
             handler,
         })
@@ -514,11 +530,11 @@ impl<H: Handler> EventLoop<H> {
             match conn.state {
                 ConnState::Closed => return,
                 ConnState::Open
-                    if conn.reads_held
+                    if conn.flags.has(Flag::ReadsHeld)
                         || conn.send_queue.bytes() > self.core.limits.send_queue_high_bytes =>
                 {
                     // Backpressure: a peer that does not read our replies is not read either.
-                    conn.read_paused = true;
+                    conn.flags.set(Flag::ReadPaused, true);
                     return;
                 }
                 _ => {}
@@ -530,8 +546,11 @@ impl<H: Handler> EventLoop<H> {
                 Some(tls) => {
                     let result = tls.read(&mut conn.stream, &mut self.read_buf);
                     // Handshake messages to send: flush even if nothing is queued.
-                    if tls.wants_write() && !conn.flush_pending && !conn.write_registered {
-                        conn.flush_pending = true;
+                    if tls.wants_write()
+                        && !conn.flags.has(Flag::FlushPending)
+                        && !conn.flags.has(Flag::WriteRegistered)
+                    {
+                        conn.flags.set(Flag::FlushPending, true);
                         self.core.flush_list.push(index);
                     }
                     result
@@ -582,8 +601,8 @@ impl<H: Handler> EventLoop<H> {
         }
         // Budget spent with the socket possibly still readable: come back this iteration.
         if let Some(conn) = self.conns.get_mut(index as usize) {
-            if !conn.read_pending && conn.state != ConnState::Closed {
-                conn.read_pending = true;
+            if !conn.flags.has(Flag::ReadPending) && conn.state != ConnState::Closed {
+                conn.flags.set(Flag::ReadPending, true);
                 self.core.read_list.push(index);
             }
         }
@@ -594,41 +613,45 @@ impl<H: Handler> EventLoop<H> {
     fn deliver(&mut self, id: ConnId, n: usize) {
         let index = id.index as usize;
         let limit = self.core.limits.read_buffer_bytes_max;
-        let mut pending = std::mem::take(&mut self.conns[index].pending_input);
-        if pending.is_empty() {
+        let conn = &mut self.conns[index];
+        if !conn.flags.has(Flag::HoldsInput) {
             let mut buf = std::mem::take(&mut self.read_buf);
             let consumed = self
                 .guarded(id, n, |h, cx| h.on_message(cx, id, &mut buf[..n]))
                 .min(n);
             self.keep_rest(id, &buf[consumed..n], limit);
             self.read_buf = buf;
-        } else {
-            if pending.len() + n > limit {
-                self.overflow(id);
-                return;
-            }
-            pending.extend_from_slice(&self.read_buf[..n]);
-            let len = pending.len();
-            let consumed = self
-                .guarded(id, len, |h, cx| h.on_message(cx, id, &mut pending))
-                .min(len);
-            pending.drain(..consumed);
-            if let Some(conn) = self.conns.get_mut(index) {
-                if conn.generation == id.generation && conn.state == ConnState::Open {
-                    // Keep a buffer only while a partial message exists: idle connections
-                    // hold no input memory.
-                    if !pending.is_empty() {
-                        // A big message was consumed and a small tail is left: give the big
-                        // buffer back. While one message is still growing, keep the capacity
-                        // (shrinking on every read would copy it over and over).
-                        if pending.capacity() > PENDING_RETAINED_BYTES_MAX
-                            && pending.capacity() > 4 * pending.len()
-                        {
-                            pending.shrink_to_fit();
-                        }
-                        conn.pending_input = pending;
-                    }
+            return;
+        }
+        conn.flags.set(Flag::HoldsInput, false);
+        let mut pending = self.pending_inputs.remove(&id.index).unwrap_or_default();
+        if pending.len() + n > limit {
+            self.overflow(id);
+            return;
+        }
+        pending.extend_from_slice(&self.read_buf[..n]);
+        let len = pending.len();
+        let consumed = self
+            .guarded(id, len, |h, cx| h.on_message(cx, id, &mut pending))
+            .min(len);
+        pending.drain(..consumed);
+        // Keep a buffer only while a partial message exists: idle connections hold no input
+        // memory.
+        if pending.is_empty() {
+            return;
+        }
+        if let Some(conn) = self.conns.get_mut(index) {
+            if conn.generation == id.generation && conn.state == ConnState::Open {
+                // A big message was consumed and a small tail is left: give the big buffer
+                // back. While one message is still growing, keep the capacity (shrinking on
+                // every read would copy it over and over).
+                if pending.capacity() > PENDING_RETAINED_BYTES_MAX
+                    && pending.capacity() > 4 * pending.len()
+                {
+                    pending.shrink_to_fit();
                 }
+                conn.flags.set(Flag::HoldsInput, true);
+                self.pending_inputs.insert(id.index, pending);
             }
         }
     }
@@ -643,7 +666,8 @@ impl<H: Handler> EventLoop<H> {
         }
         if let Some(conn) = self.conns.get_mut(id.index as usize) {
             if conn.generation == id.generation && conn.state == ConnState::Open {
-                conn.pending_input = rest.to_vec();
+                conn.flags.set(Flag::HoldsInput, true);
+                self.pending_inputs.insert(id.index, rest.to_vec());
             }
         }
     }
@@ -663,13 +687,16 @@ impl<H: Handler> EventLoop<H> {
 
     fn reread(&mut self) {
         // Connections re-added while we work wait for the next iteration (zero poll timeout).
-        let list = std::mem::take(&mut self.core.read_list);
-        for index in list {
+        let spare = std::mem::take(&mut self.read_spare);
+        let mut list = std::mem::replace(&mut self.core.read_list, spare);
+        for &index in &list {
             if let Some(conn) = self.conns.get_mut(index as usize) {
-                conn.read_pending = false;
+                conn.flags.set(Flag::ReadPending, false);
                 self.read(index, false);
             }
         }
+        list.clear();
+        self.read_spare = list;
     }
 
     fn expire_timers(&mut self) {
@@ -680,22 +707,26 @@ impl<H: Handler> EventLoop<H> {
             let Some(conn) = self.conns.get_mut(entry.index as usize) else {
                 continue;
             };
-            if conn.generation != entry.generation || conn.armed_tick != entry.tick {
+            if !entry.is_armed_for(conn.armed_tick) {
                 continue; // stale: superseded by an earlier deadline, or another connection
             }
             conn.armed_tick = 0;
             if conn.state == ConnState::Closed {
                 continue;
             }
+            // The connection's timer comes round at least once per ping or idle interval: if
+            // its queue is empty by then, the storage kept from its last burst goes back.
+            conn.send_queue.release_spare();
             let id = ConnId {
                 index: entry.index,
-                generation: entry.generation,
+                generation: conn.generation,
             };
+            // Decided by the connection's own deadline, not by the entry (see `Entry`).
             if conn.deadline_tick > now_tick {
                 // The deadline moved later since this entry was armed.
                 let tick = conn.deadline_tick;
                 conn.armed_tick = tick;
-                self.core.timers.schedule(Entry { tick, ..entry });
+                self.core.timers.schedule(entry.index, tick);
                 continue;
             }
             conn.deadline_tick = 0;
@@ -748,15 +779,20 @@ impl<H: Handler> EventLoop<H> {
     }
 
     fn flush_all(&mut self) {
-        let list = std::mem::take(&mut self.core.flush_list);
+        // The two lists take turns, so neither gives back its capacity: a list as long as the
+        // subscribers is not re-grown from empty on every loop turn.
+        let spare = std::mem::take(&mut self.flush_spare);
+        let mut list = std::mem::replace(&mut self.core.flush_list, spare);
         for &index in &list {
             if let Some(conn) = self.conns.get_mut(index as usize) {
-                conn.flush_pending = false;
+                conn.flags.set(Flag::FlushPending, false);
             }
         }
-        for index in list {
+        for &index in &list {
             self.flush(index);
         }
+        list.clear();
+        self.flush_spare = list;
     }
 
     fn flush(&mut self, index: u32) {
@@ -796,22 +832,24 @@ impl<H: Handler> EventLoop<H> {
                 return;
             }
         };
-        if (conn.above_high_mark || conn.drain_wanted) && conn.send_queue.bytes() <= low {
-            conn.above_high_mark = false;
-            conn.drain_wanted = false;
+        if (conn.flags.has(Flag::AboveHighMark) || conn.flags.has(Flag::DrainWanted))
+            && conn.send_queue.bytes() <= low
+        {
+            conn.flags.set(Flag::AboveHighMark, false);
+            conn.flags.set(Flag::DrainWanted, false);
             core.drain_list.push(id);
-            if conn.read_paused && !conn.reads_held {
-                conn.read_paused = false;
-                if !conn.read_pending {
-                    conn.read_pending = true;
+            if conn.flags.has(Flag::ReadPaused) && !conn.flags.has(Flag::ReadsHeld) {
+                conn.flags.set(Flag::ReadPaused, false);
+                if !conn.flags.has(Flag::ReadPending) {
+                    conn.flags.set(Flag::ReadPending, true);
                     core.read_list.push(index);
                 }
             }
         }
         match outcome {
             Flushed::All => {
-                if conn.write_registered {
-                    conn.write_registered = false;
+                if conn.flags.has(Flag::WriteRegistered) {
+                    conn.flags.set(Flag::WriteRegistered, false);
                     let token = Token(index as usize);
                     if let Err(e) =
                         core.registry
@@ -830,8 +868,8 @@ impl<H: Handler> EventLoop<H> {
                 }
             }
             Flushed::WouldBlock => {
-                if !conn.write_registered {
-                    conn.write_registered = true;
+                if !conn.flags.has(Flag::WriteRegistered) {
+                    conn.flags.set(Flag::WriteRegistered, true);
                     let interest = Interest::READABLE | Interest::WRITABLE;
                     let token = Token(index as usize);
                     if let Err(e) = core.registry.reregister(&mut conn.stream, token, interest) {
@@ -841,8 +879,8 @@ impl<H: Handler> EventLoop<H> {
                 }
             }
             Flushed::Budget => {
-                if !conn.flush_pending {
-                    conn.flush_pending = true;
+                if !conn.flags.has(Flag::FlushPending) {
+                    conn.flags.set(Flag::FlushPending, true);
                     core.flush_list.push(index);
                 }
             }
@@ -856,6 +894,9 @@ impl<H: Handler> EventLoop<H> {
                 let Some(conn) = self.conns.try_remove(index as usize) else {
                     continue;
                 };
+                if conn.flags.has(Flag::HoldsInput) {
+                    self.pending_inputs.remove(&index);
+                }
                 if let Some(slot) = self.tls_sessions.get_mut(index as usize) {
                     *slot = None;
                 }

@@ -126,26 +126,42 @@ impl From<&[u8]> for Frame {
 /// whole iteration's worth of updates for one subscriber in practice).
 pub const IOVECS_PER_WRITE_MAX: usize = 64;
 
-/// A drained queue keeps its storage for the next burst if a burst of more than
-/// `LIGHT_USE_FRAMES_MAX` frames needed it (a subscriber under a steady stream of updates would
-/// otherwise re-grow its queue on every loop turn) and up to this many slots (1 KiB).
+/// A drained queue keeps the storage of its frames behind the head for the next burst (a
+/// subscriber under a steady stream of updates would otherwise re-grow it on every loop turn),
+/// unless a burst grew it past this many slots (1 KiB): a queue that held a big backlog once
+/// does not keep its size for ever.
 const RETAINED_SLOTS_MAX: usize = 64;
 
-/// A queue that never held more than this many frames since it last drained (a reply now and
-/// then) gives its storage back, so idle connections hold none.
-const LIGHT_USE_FRAMES_MAX: u32 = 2;
-
+/// A connection's outgoing frames, oldest first.
+///
+/// The oldest frame sits in an inline slot, so a queue of one frame (the common case: one
+/// update per subscriber per loop turn, or one reply) needs no heap, and writing it needs no
+/// iovec array. Frames behind it go to `rest`, allocated the first time a second frame is
+/// queued and kept once drained (up to [`RETAINED_SLOTS_MAX`] slots), so a connection that gets
+/// bursts does not allocate per burst either; [`SendQueue::release_spare`] gives it back when
+/// the connection has gone quiet (the event loop calls it from the connection's timer), so
+/// idle connections hold no heap.
 #[derive(Default)]
 pub struct SendQueue {
-    frames: VecDeque<Frame>,
-    /// Bytes of `frames[0]` already written.
-    /// INVARIANT: `head_written < frames[0].len()` whenever `frames` is non-empty.
+    /// The oldest frame, the one being written.
+    /// INVARIANT: `None` only while `rest` is empty (or absent).
+    head: Option<Frame>,
+    /// Frames behind `head`, oldest first. Boxed on purpose: one word instead of a
+    /// `VecDeque`'s four in every connection, idle or not, for one more allocation in the rare
+    /// queue that ever holds two frames (and that allocation is kept with the storage).
+    #[allow(clippy::box_collection)]
+    rest: Option<Box<VecDeque<Frame>>>,
+    /// Bytes of `head` already written.
+    /// INVARIANT: `head_written < head.len()` whenever `head` is `Some`.
     head_written: u32,
-    /// Most frames held at once since the queue last drained.
-    peak_frames: u32,
     /// Unsent bytes over all frames.
     bytes: usize,
 }
+
+/// Bytes of one idle connection's queue: the head slot, the pointer to the rest, the head's
+/// written bytes and the byte count (48 while every frame lived in an inline `VecDeque`).
+pub const SEND_QUEUE_BYTES_MAX: usize = 32;
+const _: () = assert!(std::mem::size_of::<SendQueue>() <= SEND_QUEUE_BYTES_MAX);
 
 /// What one call to [`SendQueue::write_to`] achieved.
 #[derive(Debug, PartialEq, Eq)]
@@ -164,8 +180,10 @@ impl SendQueue {
             return;
         }
         self.bytes += frame.len();
-        self.frames.push_back(frame);
-        self.peak_frames = self.peak_frames.max(self.frames.len() as u32);
+        match self.head {
+            None => self.head = Some(frame),
+            Some(_) => self.rest.get_or_insert_with(Box::default).push_back(frame),
+        }
     }
 
     pub fn bytes(&self) -> usize {
@@ -173,44 +191,66 @@ impl SendQueue {
     }
 
     pub fn len(&self) -> usize {
-        self.frames.len()
+        match self.head {
+            None => 0,
+            Some(_) => 1 + self.rest.as_ref().map_or(0, |rest| rest.len()),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.head.is_none()
+    }
+
+    /// Whether the queue holds heap storage for frames behind the head (for tests and memory
+    /// accounting).
+    pub fn holds_storage(&self) -> bool {
+        self.rest.is_some()
+    }
+
+    /// Gives back the storage kept for frames behind the head, if the queue is empty: the
+    /// connection went quiet since its last burst.
+    pub fn release_spare(&mut self) {
+        if self.head.is_none() {
+            self.rest = None;
+        }
     }
 
     pub fn clear(&mut self) {
-        self.frames = VecDeque::new();
+        self.head = None;
+        self.rest = None;
         self.head_written = 0;
         self.bytes = 0;
     }
 
-    /// Writes queued frames with vectored writes until the queue is empty, the writer would
-    /// block, or `budget_bytes` have been written. Returns the bytes written and the outcome.
+    /// Writes queued frames until the queue is empty, the writer would block, or
+    /// `budget_bytes` have been written: a single frame with one plain write, several with
+    /// vectored writes. Returns the bytes written and the outcome.
     pub fn write_to<W: Write>(
         &mut self,
         writer: &mut W,
         budget_bytes: usize,
     ) -> io::Result<(usize, Flushed)> {
         let mut written_total = 0;
-        while !self.frames.is_empty() {
+        while let Some(head) = &self.head {
             if written_total >= budget_bytes {
                 return Ok((written_total, Flushed::Budget));
             }
-            let mut slices: [IoSlice<'_>; IOVECS_PER_WRITE_MAX] =
-                [IoSlice::new(&[]); IOVECS_PER_WRITE_MAX];
-            let mut count = 0;
-            for (i, frame) in self.frames.iter().take(IOVECS_PER_WRITE_MAX).enumerate() {
-                let start = if i == 0 {
-                    self.head_written as usize
-                } else {
-                    0
-                };
-                slices[i] = IoSlice::new(&frame[start..]);
-                count += 1;
-            }
-            let written = match writer.write_vectored(&slices[..count]) {
+            let unwritten = &head[self.head_written as usize..];
+            let result = match self.rest.as_deref().filter(|rest| !rest.is_empty()) {
+                None => writer.write(unwritten),
+                Some(rest) => {
+                    let mut slices: [IoSlice<'_>; IOVECS_PER_WRITE_MAX] =
+                        [IoSlice::new(&[]); IOVECS_PER_WRITE_MAX];
+                    slices[0] = IoSlice::new(unwritten);
+                    let mut count = 1;
+                    for (slice, frame) in slices[1..].iter_mut().zip(rest.iter()) {
+                        *slice = IoSlice::new(frame);
+                        count += 1;
+                    }
+                    writer.write_vectored(&slices[..count])
+                }
+            };
+            let written = match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -222,20 +262,27 @@ impl SendQueue {
             written_total += written;
             self.consume(written);
         }
-        if self.peak_frames <= LIGHT_USE_FRAMES_MAX || self.frames.capacity() > RETAINED_SLOTS_MAX {
-            self.frames = VecDeque::new();
+        if self
+            .rest
+            .as_ref()
+            .is_some_and(|rest| rest.capacity() > RETAINED_SLOTS_MAX)
+        {
+            self.rest = None;
         }
-        self.peak_frames = 0;
         Ok((written_total, Flushed::All))
     }
 
     fn consume(&mut self, mut written: usize) {
         self.bytes -= written;
         while written > 0 {
-            let head_left = self.frames[0].len() - self.head_written as usize;
+            let head = self
+                .head
+                .as_ref()
+                .expect("the writer wrote no more than was queued");
+            let head_left = head.len() - self.head_written as usize;
             if written >= head_left {
                 written -= head_left;
-                self.frames.pop_front();
+                self.head = self.rest.as_mut().and_then(|rest| rest.pop_front());
                 self.head_written = 0;
             } else {
                 // A frame is far smaller than 4 GiB (frames are capped by the message limit).
@@ -342,6 +389,87 @@ mod tests {
         assert!(q.bytes() > 0);
         while q.write_to(&mut w, 25).unwrap().1 == Flushed::Budget {}
         assert_eq!(w.out, expected);
+    }
+
+    /// A writer that takes everything and counts its calls.
+    #[derive(Default)]
+    struct Sink {
+        out: Vec<u8>,
+        writes: usize,
+        vectored_writes: usize,
+    }
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.writes += 1;
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.vectored_writes += 1;
+            let before = self.out.len();
+            for b in bufs {
+                self.out.extend_from_slice(b);
+            }
+            Ok(self.out.len() - before)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn one_frame_at_a_time_needs_no_storage_and_one_plain_write() {
+        let mut q = SendQueue::default();
+        let mut sink = Sink::default();
+        for round in 0..10u8 {
+            q.push(Frame::from(vec![round; 5]));
+            assert_eq!((q.len(), q.bytes()), (1, 5));
+            assert!(!q.holds_storage(), "one frame sits in the inline slot");
+            assert_eq!(
+                q.write_to(&mut sink, usize::MAX).unwrap(),
+                (5, Flushed::All)
+            );
+            assert!(q.is_empty() && !q.holds_storage());
+        }
+        assert_eq!((sink.writes, sink.vectored_writes), (10, 0));
+    }
+
+    #[test]
+    fn burst_storage_is_kept_until_released_unless_it_grew_large() {
+        let mut q = SendQueue::default();
+        let mut sink = Sink::default();
+        for _ in 0..3 {
+            q.push(Frame::from(vec![1u8; 3]));
+        }
+        assert_eq!(q.len(), 3);
+        assert!(q.holds_storage());
+        assert_eq!(
+            q.write_to(&mut sink, usize::MAX).unwrap(),
+            (9, Flushed::All)
+        );
+        assert_eq!(sink.vectored_writes, 1, "three frames, one vectored write");
+        assert!(q.holds_storage(), "kept for the next burst");
+        q.push(Frame::from(vec![2u8; 3]));
+        q.release_spare();
+        assert!(q.holds_storage(), "not while frames are queued");
+        q.write_to(&mut sink, usize::MAX).unwrap();
+        q.release_spare();
+        assert!(!q.holds_storage(), "given back once quiet");
+        for _ in 0..RETAINED_SLOTS_MAX + 2 {
+            q.push(Frame::from(vec![3u8; 3]));
+        }
+        while q.write_to(&mut sink, usize::MAX).unwrap().1 != Flushed::All {}
+        assert!(!q.holds_storage(), "a big backlog's storage is not kept");
+        assert_eq!(sink.out.len(), 3 * (RETAINED_SLOTS_MAX + 6));
+    }
+
+    #[test]
+    fn clear_drops_every_frame_and_its_storage() {
+        let (mut q, _) = frames(10);
+        q.clear();
+        assert_eq!((q.len(), q.bytes(), q.holds_storage()), (0, 0, false));
+        assert!(q.is_empty());
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub mod start;
 pub mod workers;
 mod ws_api;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use log::info;
@@ -112,24 +113,29 @@ impl Default for ServiceConfig {
     }
 }
 
-/// Per-connection state of the service (HTTP and WebSocket alike).
+/// Per-connection state of the service (HTTP and WebSocket alike), one per connection slot
+/// whether the connection is idle or busy. What only some connections need at some moments
+/// lives beside it, keyed by connection: the token name of a WebSocket that presented one
+/// (`StockService::session_tokens`) and snapshots being sent (`StockService::snapshots`).
 #[derive(Default)]
 struct Session {
     generation: u32,
-    role: Option<Role>,
-    websocket: bool,
     /// Entries of the outbox addressed to this connection: while non-zero its replies queue.
     outbox_pending: u32,
-    /// Write rate window: start (loop ms) and writes in it.
-    window_start_ms: u64,
+    /// Write rate window: writes in it and its start (loop ms).
     window_writes: u32,
-    /// Name of the token the WebSocket handshake presented (for the per-token rate limit).
-    token: Option<String>,
-    /// Snapshot replies being sent in chunks, the first one in progress.
-    snapshots: snapshot::Snapshots,
+    role: Option<Role>,
+    websocket: bool,
     /// Not read while its writes in flight are at their bound (listed in `held`).
     reads_held: bool,
+    window_start_ms: u64,
 }
+
+/// Bytes of a session: four words (the three counters, the role and two flags in the fourth
+/// word's padding, the window start). 80 while the token name (24) and the snapshot queue (32,
+/// and a ~350-byte buffer it kept after its first snapshot) lived here.
+const SESSION_BYTES_MAX: usize = 24;
+const _: () = assert!(std::mem::size_of::<Session>() <= SESSION_BYTES_MAX);
 
 pub struct StockService {
     config: ServiceConfig,
@@ -146,6 +152,14 @@ pub struct StockService {
     /// `*`-only updates of the current release, sent as one frame run per subscriber.
     wildcard_batch: commit::WildcardBatch,
     sessions: Vec<Session>,
+    /// Name of the token each WebSocket that presented one was opened with (for the per-token
+    /// rate limit and for closing it when a reload revokes the token). Entries go when the
+    /// WebSocket closes.
+    session_tokens: HashMap<ConnId, Rc<str>>,
+    /// Snapshot replies being sent in chunks to a connection, the first one in progress (see
+    /// `snapshot`). Only connections with one under way have an entry; it goes with the last
+    /// chunk or the connection.
+    snapshots: HashMap<ConnId, snapshot::Snapshots>,
     released: Vec<SkuId>,
     /// Connections not read because of writes in flight, released as the outbox drains.
     /// INVARIANT: holds each connection whose session has `reads_held`, once.
@@ -158,7 +172,7 @@ pub struct StockService {
     /// the hold is committed, released or expires, so there are at most as many as live
     /// holds (bounded by `hold_limits.holds_max`); a stale holder (closed connection) is
     /// recognised by its generation.
-    hold_owners: std::collections::HashMap<Box<str>, ConnId>,
+    hold_owners: HashMap<Box<str>, ConnId>,
 }
 
 fn now_secs() -> u64 {
@@ -180,12 +194,14 @@ impl StockService {
             sent_versions: SentVersions::default(),
             wildcard_batch: commit::WildcardBatch::default(),
             sessions: Vec::new(),
+            session_tokens: HashMap::new(),
+            snapshots: HashMap::new(),
             released: Vec::new(),
             held: Vec::new(),
             token_rates: auth::TokenRates::default(),
             metrics: Metrics::default(),
             started_ms: 0,
-            hold_owners: std::collections::HashMap::new(),
+            hold_owners: HashMap::new(),
         }
     }
 
@@ -350,11 +366,8 @@ impl Service for StockService {
         let mut released = std::mem::take(&mut self.released);
         self.subs.remove_conn(id, &mut released);
         self.fanout.remove_conn(id);
-        if let Some(session) = self.sessions.get_mut(id.index as usize) {
-            if session.generation == id.generation {
-                session.snapshots = snapshot::Snapshots::new();
-            }
-        }
+        self.snapshots.remove(&id);
+        self.session_tokens.remove(&id);
         self.forget_unused(released.drain(..));
         self.released = released;
     }

@@ -28,7 +28,8 @@ pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 256 * 1024;
 
 /// Snapshots waiting for a connection (the first one is being sent). Its length is bounded by
 /// the requests one read delivers: reads pause while the connection is above its high mark,
-/// which every unfinished chunk keeps it near.
+/// which every unfinished chunk keeps it near. Kept only while non-empty
+/// (`StockService::snapshots`), so a connection that got its snapshot holds none.
 pub(super) type Snapshots = VecDeque<Snapshot>;
 
 /// Where a snapshot's scan resumes.
@@ -72,7 +73,7 @@ impl StockService {
     /// Starts a states reply to `id`: its first chunk now, unless another snapshot is still
     /// going to this connection (then it waits its turn).
     pub(super) fn start_snapshot(&mut self, cx: &mut Ctx<'_>, id: ConnId, snapshot: Snapshot) {
-        let snapshots = &mut self.session(id).snapshots;
+        let snapshots = self.snapshots.entry(id).or_default();
         snapshots.push_back(snapshot);
         if snapshots.len() == 1 {
             self.send_next_chunk(cx, id);
@@ -81,28 +82,30 @@ impl StockService {
 
     /// Whether a snapshot is being sent to `id`.
     pub(super) fn snapshot_pending(&self, id: ConnId) -> bool {
-        self.session_ref(id)
-            .is_some_and(|session| !session.snapshots.is_empty())
+        self.snapshots.contains_key(&id)
     }
 
     /// Sends the next chunk of the current snapshot (called when the connection drained the
     /// previous one), and asks to hear when it has drained this one if more remain.
     pub(super) fn send_next_chunk(&mut self, cx: &mut Ctx<'_>, id: ConnId) {
         if !cx.is_open(id) {
-            self.session(id).snapshots.clear();
+            self.snapshots.remove(&id);
             return;
         }
-        let Some(mut snapshot) = self.session(id).snapshots.pop_front() else {
+        let Some(mut snapshot) = self.snapshots.get_mut(&id).and_then(VecDeque::pop_front) else {
             return;
         };
         let (frame, done) = self.chunk(&mut snapshot);
         cx.send(id, frame);
-        let snapshots = &mut self.session(id).snapshots;
+        let snapshots = self.snapshots.entry(id).or_default();
         if !done {
             snapshots.push_front(snapshot);
         }
-        // The next chunk (or the next snapshot's first) waits for this one to drain.
-        if !snapshots.is_empty() {
+        // The next chunk (or the next snapshot's first) waits for this one to drain. With none
+        // left the entry goes, and its queue's storage with it.
+        if snapshots.is_empty() {
+            self.snapshots.remove(&id);
+        } else {
             cx.notify_when_drained(id);
         }
     }

@@ -59,10 +59,9 @@ impl StockService {
         let session = self.session(id);
         session.role = role;
         session.websocket = true;
-        session.token = match grant {
-            Grant::Token { name, .. } => Some(name),
-            _ => None,
-        };
+        if let Grant::Token { name, .. } = grant {
+            self.session_tokens.insert(id, name.into());
+        }
         Ok(())
     }
 
@@ -170,7 +169,8 @@ impl StockService {
                     self.refuse(cx, id, &reply_to, &error);
                     return;
                 }
-                let token = self.session_ref(id).and_then(|s| s.token.clone());
+                // A refcount bump, not a copy of the name, per write.
+                let token = self.session_tokens.get(&id).cloned();
                 if let Err(error) = self.allow_write(cx, id, token.as_deref()) {
                     self.refuse(cx, id, &reply_to, &error);
                     return;
@@ -235,19 +235,13 @@ impl StockService {
                 if o.role == n.role
                     && auth::constant_time_eq(o.secret.as_bytes(), n.secret.as_bytes()))
         };
-        let revoked: Vec<(ConnId, String)> = self
-            .sessions
+        let mut revoked: Vec<(ConnId, std::rc::Rc<str>)> = self
+            .session_tokens
             .iter()
-            .enumerate()
-            .filter_map(|(index, session)| {
-                let name = session.token.as_deref()?;
-                let id = ConnId {
-                    index: index as u32,
-                    generation: session.generation,
-                };
-                (session.websocket && !unchanged(name)).then(|| (id, name.to_string()))
-            })
+            .filter(|(_, name)| !unchanged(name))
+            .map(|(&id, name)| (id, name.clone()))
             .collect();
+        revoked.sort_unstable_by_key(|&(id, _)| id);
         for (id, name) in revoked {
             if !cx.is_open(id) {
                 continue; // a session left over from a closed connection
@@ -257,9 +251,8 @@ impl StockService {
                 crate::ws::frame::encode_close(crate::ws::close::POLICY_VIOLATION, "token revoked");
             cx.send_final(id, crate::net::Frame::from(close));
             cx.close(id);
-            let session = self.session(id);
-            session.role = None;
-            session.token = None;
+            self.session(id).role = None;
+            self.session_tokens.remove(&id);
         }
     }
 

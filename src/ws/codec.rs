@@ -31,7 +31,7 @@ use super::frame::{FrameHeader, OpCode, CLIENT_HEADER_BYTES_MAX, CONTROL_PAYLOAD
 use super::mask::apply_mask;
 
 /// Upper bound on `size_of::<Decoder>()`: one is kept per connection, so an idle one must stay small.
-pub const DECODER_BYTES_MAX: usize = 48;
+pub const DECODER_BYTES_MAX: usize = 24;
 const _: () = assert!(std::mem::size_of::<Decoder>() <= DECODER_BYTES_MAX);
 
 /// A complete message or control frame, borrowing either the caller's buffer (single frame) or the
@@ -227,8 +227,10 @@ impl std::error::Error for ProtocolError {}
 /// Decodes one client's frames into messages; one per connection. See the module docs.
 #[derive(Debug)]
 pub struct Decoder {
-    /// Largest message accepted, counting all fragments (inflated, when compressed).
-    message_bytes_max: usize,
+    /// Largest message accepted, counting all fragments (inflated, when compressed). A `u32`
+    /// (4 GiB - 1; `Limits::validate` keeps the configured limit below it) so that the limit,
+    /// the flag and the two boxes take three words per connection, not four.
+    message_bytes_max: u32,
     /// permessage-deflate was negotiated: RSV1 marks a compressed message.
     compression: bool,
     /// The fragmented message being assembled, or just delivered. Boxed so an idle decoder is two
@@ -287,9 +289,10 @@ struct Utf8Tail {
 
 impl Decoder {
     /// A decoder that accepts messages of up to `message_bytes_max` bytes (all fragments together).
+    /// A limit of 4 GiB or more acts as 4 GiB - 1.
     pub fn new(message_bytes_max: usize) -> Self {
         Decoder {
-            message_bytes_max,
+            message_bytes_max: u32::try_from(message_bytes_max).unwrap_or(u32::MAX),
             compression: false,
             fragments: None,
             peek: None,
@@ -305,7 +308,7 @@ impl Decoder {
 
     /// The message size limit this decoder was built with.
     pub fn message_bytes_max(&self) -> usize {
-        self.message_bytes_max
+        self.message_bytes_max as usize
     }
 
     /// Largest frame (header and payload) the decoder can ask the caller to buffer before it can be
@@ -319,9 +322,9 @@ impl Decoder {
     /// can take to encode a message within it.
     fn payload_bytes_max(&self) -> usize {
         if self.compression {
-            compressed_bytes_max(self.message_bytes_max)
+            compressed_bytes_max(self.message_bytes_max())
         } else {
-            self.message_bytes_max
+            self.message_bytes_max()
         }
     }
 
@@ -405,17 +408,18 @@ impl Decoder {
                 } else {
                     Assembly::Binary { bytes: Vec::new() }
                 };
+                let message_bytes_max = self.message_bytes_max();
                 let fragments = self.fragments.insert(Box::new(Fragments {
                     assembly,
                     delivered: false,
                     inflate: None,
                     compressed: false,
                 }));
-                fragments.assembly.push(payload, self.message_bytes_max)?;
+                fragments.assembly.push(payload, message_bytes_max)?;
                 return Ok(Some((frame_bytes, None)));
             }
             OpCode::Continuation => {
-                let message_bytes_max = self.message_bytes_max;
+                let message_bytes_max = self.message_bytes_max();
                 let Some(fragments) = self.fragments.as_deref_mut() else {
                     // `admit` already checked this; kept so the borrow needs no unwrap.
                     return Err(ProtocolError::UnexpectedContinuation);
@@ -439,7 +443,7 @@ impl Decoder {
         payload: &[u8],
         frame_bytes: usize,
     ) -> Result<Option<(usize, Option<Message<'a>>)>, ProtocolError> {
-        let message_bytes_max = self.message_bytes_max;
+        let message_bytes_max = self.message_bytes_max();
         if header.rsv1 {
             // `admit` ensured no fragmented message is open.
             let assembly = match header.opcode {
@@ -584,13 +588,13 @@ impl Decoder {
         let message_bytes = (buffered_bytes as u64).saturating_add(header.payload_len);
         let too_big = ProtocolError::MessageTooBig {
             message_bytes,
-            message_bytes_max: self.message_bytes_max,
+            message_bytes_max: self.message_bytes_max(),
         };
         let payload_len = usize::try_from(header.payload_len).map_err(|_| too_big)?;
         let bytes_max = if compressed && !header.opcode.is_control() {
             self.payload_bytes_max()
         } else {
-            self.message_bytes_max
+            self.message_bytes_max()
         };
         if !header.opcode.is_control() && message_bytes > bytes_max as u64 {
             return Err(too_big);
@@ -928,11 +932,12 @@ mod tests {
     #[test]
     fn idle_decoder_is_small() {
         assert!(std::mem::size_of::<Decoder>() <= DECODER_BYTES_MAX);
-        // The limit, the compression flag and two boxes that are `None` while idle: nothing on
-        // the heap. (The flag's spare values also hold the tag of the enum a decoder lives in.)
+        // Two boxes that are `None` while idle, the limit and the compression flag in the third
+        // word: nothing on the heap. (The flag's spare values also hold the tag of the enum a
+        // decoder lives in.)
         assert_eq!(
             std::mem::size_of::<Decoder>(),
-            4 * std::mem::size_of::<usize>()
+            3 * std::mem::size_of::<usize>()
         );
         assert!(Decoder::new(100).peek.is_none());
     }
@@ -984,7 +989,10 @@ mod tests {
     fn frame_bytes_max_covers_header_and_largest_payload() {
         assert_eq!(Decoder::new(1000).frame_bytes_max(), 14 + 1000);
         assert_eq!(Decoder::new(10).frame_bytes_max(), 14 + 125);
-        assert_eq!(Decoder::new(usize::MAX).frame_bytes_max(), usize::MAX);
+        // The limit is kept in 32 bits: more acts as 4 GiB - 1.
+        let unbounded = Decoder::new(usize::MAX);
+        assert_eq!(unbounded.message_bytes_max(), u32::MAX as usize);
+        assert_eq!(unbounded.frame_bytes_max(), 14 + u32::MAX as usize);
         let compressing = Decoder::new(1 << 20).with_compression(true);
         assert_eq!(compressing.frame_bytes_max(), 14 + (1 << 20) + 128 + 64);
         assert_eq!(Decoder::new(1000).message_bytes_max(), 1000);

@@ -287,6 +287,43 @@ pub fn start_echo(limits: Limits) -> SocketAddr {
     rx.recv().unwrap()
 }
 
+/// Starts the stock server in-process, the way the binary does (`start::run` with
+/// `--listen 127.0.0.1:PORT --data-dir none --write-token TOKEN` and `args`), on a thread of
+/// its own that first calls `on_thread` (e.g. to have its allocations counted). It runs until
+/// the test process ends.
+pub fn start_in_process(args: &[&str], on_thread: impl FnOnce() + Send + 'static) -> SocketAddr {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let listen = addr.to_string();
+    let mut all = vec![
+        "--listen",
+        &listen,
+        "--data-dir",
+        "none",
+        "--write-token",
+        TOKEN,
+    ];
+    all.extend_from_slice(args);
+    let all: Vec<String> = all.iter().map(|s| s.to_string()).collect();
+    let settings = stocksync::cli::Settings::parse(&all, |_| None)
+        .expect("valid flags")
+        .expect("settings, not usage");
+    std::thread::spawn(move || {
+        on_thread();
+        if let Err(e) = stocksync::server::start::run(settings) {
+            panic!("server failed: {e}");
+        }
+    });
+    wait_listening(addr);
+    addr
+}
+
+/// A WebSocket client of the server at `addr`, with a 10 s read timeout.
+pub fn ws_at(addr: SocketAddr, path: &str) -> Ws {
+    let (ws, _) = tungstenite::connect(format!("ws://{addr}{path}")).expect("websocket connect");
+    set_timeout(&ws, Duration::from_secs(10));
+    ws
+}
+
 /// Raw socket helpers for malformed input.
 pub fn raw(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect(addr).unwrap();
