@@ -258,7 +258,8 @@ if ops:
         name = key.split("{")[0]
         if name in ("stocksync_log_fsyncs_total", "stocksync_log_batches_total",
                     "stocksync_socket_writes_total", "stocksync_messages_in_total",
-                    "stocksync_log_records_total") or "loop" in name or "wake" in name:
+                    "stocksync_log_records_total", "stocksync_socket_reads_total") \
+                or "loop" in name or "wake" in name:
             per_op[name[len("stocksync_"):]] = value / ops
 fsyncs = metrics.get("stocksync_log_fsyncs_total", 0)
 result = {

@@ -321,3 +321,30 @@ fn limit_hits_are_counted_by_limit() {
     );
     assert!(delta("stocksync_limit_hits_total{limit=\"connections_per_ip_max\"}") >= 1.0);
 }
+
+/// A message costs one `recv`: reading stops at a short read instead of going on until the
+/// socket says `EAGAIN` (which doubled the reads of a single write). The loop's own counters
+/// move too.
+#[test]
+fn one_read_per_message() {
+    let server = Server::start(&[]);
+    let mut writer = server.writer();
+    let update = |op| serde_json::json!({"type": "stock_update", "stock": op});
+    request(&mut writer, update(stock_op("r-0", "set", 100)));
+    let before = strict_parse(&scrape_text(&server));
+    const WRITES: usize = 50;
+    for _ in 0..WRITES {
+        let reply = request(&mut writer, update(stock_op("r-0", "increase", 1)));
+        assert_eq!(reply["type"], "ack", "{reply}");
+    }
+    let after = strict_parse(&scrape_text(&server));
+    let delta = |key: &str| value(&after, key) - value(&before, key);
+    let reads = delta("stocksync_socket_reads_total");
+    // The writes, plus the scrapes' own requests and closes.
+    assert!(
+        (WRITES as f64..=WRITES as f64 + 8.0).contains(&reads),
+        "{reads} reads for {WRITES} messages"
+    );
+    assert!(delta("stocksync_loop_iterations_total") >= WRITES as f64);
+    assert!(after.contains_key("stocksync_loop_wakeups_total"));
+}

@@ -238,6 +238,7 @@ impl<H: Handler> EventLoop<H> {
                 Err(e) => return Err(e),
             }
             self.core.now_ms = self.core.start.elapsed().as_millis() as u64;
+            self.core.stats.loop_iterations_total += 1;
             let mut ready = std::mem::take(&mut self.ready);
             ready.extend(self.events.iter().map(|e| Readiness {
                 token: e.token(),
@@ -256,7 +257,10 @@ impl<H: Handler> EventLoop<H> {
             {
                 match token {
                     LISTENER => self.accept_all(),
-                    WAKER => self.guarded_global(|h, cx| h.on_wake(cx)),
+                    WAKER => {
+                        self.core.stats.loop_wakeups_total += 1;
+                        self.guarded_global(|h, cx| h.on_wake(cx));
+                    }
                     SIGNALS => self.read_signals(),
                     Token(index) if index >= super::outbound::OUTBOUND_TOKEN_BASE => {
                         if let Some(id) = self.core.outbound.id_of(index) {
@@ -556,6 +560,7 @@ impl<H: Handler> EventLoop<H> {
                     result
                 }
             };
+            self.core.stats.reads_total += 1;
             let n = match result {
                 Ok(0) => {
                     let reason = match conn.state {

@@ -81,6 +81,12 @@ pub struct LoopStats {
     pub bytes_in_total: u64,
     pub bytes_out_total: u64,
     pub writes_total: u64,
+    /// `recv` calls on client sockets (one per message when reads stop at a short read).
+    pub reads_total: u64,
+    /// Turns of the event loop (one `epoll_wait` each).
+    pub loop_iterations_total: u64,
+    /// Turns woken by a helper thread (the log's "durable"), not by a socket or a timer.
+    pub loop_wakeups_total: u64,
     pub handler_panics_total: u64,
     /// TLS connections that failed their handshake or a record (plain text on the TLS port too).
     pub tls_failures_total: u64,

@@ -353,6 +353,27 @@ pub fn render(s: &Snapshot<'_>) -> String {
     );
     single(
         &mut out,
+        "stocksync_socket_reads_total",
+        "counter",
+        "Reads from client sockets (including those that found nothing).",
+        l.reads_total,
+    );
+    single(
+        &mut out,
+        "stocksync_loop_iterations_total",
+        "counter",
+        "Turns of the event loop.",
+        l.loop_iterations_total,
+    );
+    single(
+        &mut out,
+        "stocksync_loop_wakeups_total",
+        "counter",
+        "Event loop turns woken by the log thread (a batch made durable) or another helper.",
+        l.loop_wakeups_total,
+    );
+    single(
+        &mut out,
         "stocksync_frames_broadcast_total",
         "counter",
         "Stock updates framed for broadcast (once each).",
