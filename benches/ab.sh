@@ -17,7 +17,7 @@ DURATION="${DURATION:-5}"
 OUT="${OUT:-$root/target/bench-ab}"
 mkdir -p "$OUT"
 cargo build --release --quiet -p stocksync-bench
-bench="$root/target/release/stocksync-bench"
+bench="${CARGO_TARGET_DIR:-$root/target}/release/stocksync-bench"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 run_one() { # BINARY LABEL SCENARIO

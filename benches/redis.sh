@@ -37,8 +37,9 @@ command -v redis-benchmark >/dev/null || { echo "redis-benchmark not found: apt-
 echo "== building (release)" >&2
 cargo build --release --quiet --bin stocksync -p stocksync
 cargo build --release --quiet -p stocksync-bench
-bin="$root/target/release/stocksync"
-bench="$root/target/release/stocksync-bench"
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+bin="$target_dir/release/stocksync"
+bench="$target_dir/release/stocksync-bench"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
