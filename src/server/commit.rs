@@ -5,12 +5,13 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+use super::metrics::OpCounts;
 use super::{now_secs, StockService};
 use crate::api::messages::{HoldAction, WriteRequest};
 use crate::api::{reply, ApiError, ErrorCode};
 use crate::engine::{HoldView, Outcome, Progress, Submitted};
 use crate::net::{ConnId, Ctx, Frame};
-use crate::stock::{Action, SkuId, Stock};
+use crate::stock::{SkuId, Stock};
 
 /// Bytes of `*`-only updates gathered into one frame run before it is sent (see
 /// `flush_wildcard_batch`); a loop turn with more sends several runs.
@@ -62,7 +63,7 @@ pub struct PendingWrite {
     writer: ConnId,
     reply_to: ReplyTo,
     batch: bool,
-    actions: Vec<Action>,
+    actions: OpCounts,
     received: Instant,
     holds: HoldsOf,
 }
@@ -271,7 +272,7 @@ impl StockService {
             self.refuse(cx, conn, &reply_to, &error);
             return;
         }
-        let actions: Vec<Action> = req.ops.iter().map(|op| op.action).collect();
+        let actions = OpCounts::of(req.ops.iter().map(|op| op.action));
         let holds = HoldsOf::of(&req);
         match self.engine.submit(cx, &req, now_secs()) {
             Submitted::Now(outcome) => {
@@ -381,7 +382,7 @@ impl StockService {
         &mut self,
         reply_to: &ReplyTo,
         batch: bool,
-        actions: &[Action],
+        actions: &OpCounts,
         holds: &HoldsOf,
         writer: ConnId,
         outcome: Outcome,

@@ -184,11 +184,32 @@ impl Metrics {
     }
 
     /// Counts each op of an accepted (`None`) or refused write.
-    pub fn count_op_result(&mut self, actions: &[Action], error: Option<ErrorCode>) {
+    pub fn count_op_result(&mut self, ops: &OpCounts, error: Option<ErrorCode>) {
         let result = error.map_or("ok", ErrorCode::as_str);
-        for action in actions {
-            *self.ops.entry((action.as_str(), result)).or_insert(0) += 1;
+        for (action, &n) in Action::ALL.iter().zip(&ops.0) {
+            if n > 0 {
+                *self.ops.entry((action.as_str(), result)).or_insert(0) += u64::from(n);
+            }
         }
+    }
+}
+
+/// How many ops of each action one write carries, kept until its outcome is counted: a fixed
+/// array rather than a `Vec` of actions, so a write costs no allocation for its metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpCounts([u32; Action::ALL.len()]);
+
+impl OpCounts {
+    pub fn of(actions: impl IntoIterator<Item = Action>) -> OpCounts {
+        let mut counts = OpCounts::default();
+        for action in actions {
+            let index = Action::ALL
+                .iter()
+                .position(|&a| a == action)
+                .unwrap_or_default();
+            counts.0[index] += 1;
+        }
+        counts
     }
 }
 
