@@ -521,15 +521,11 @@ impl Engine for RedisEngine {
                     view_of,
                 )
             }
-            None => match self.write_args(req, req.fingerprint().0) {
-                Ok(args) => {
-                    let holds = req.ops.iter().map(|op| op.hold.clone()).collect();
-                    (args, Script::Write, holds, None)
-                }
-                Err(e) => {
-                    return Submitted::Now(Outcome::refused(ApiError::new(ErrorCode::Internal, e)))
-                }
-            },
+            None => {
+                let args = self.write_args(req, req.fingerprint().0, self.last_ticket + 1);
+                let holds = req.ops.iter().map(|op| op.hold.clone()).collect();
+                (args, Script::Write, holds, None)
+            }
         };
         self.last_ticket += 1;
         let ticket = self.last_ticket;

@@ -114,15 +114,18 @@ impl RedisEngine {
         }
     }
 
+    /// `ticket` is the write's own (unique in this process): with the process's random origin
+    /// it makes the epoch the script sets if Redis has none, unique without reading
+    /// /dev/urandom for every write.
     pub(super) fn write_args(
         &self,
         req: &WriteRequest,
         fingerprint: u64,
-    ) -> Result<Vec<String>, String> {
+        ticket: u64,
+    ) -> Vec<String> {
         let mut args = Vec::with_capacity(20 + 6 * req.ops.len());
         let (idem, keyed) = self.idem_args(req);
-        let fresh_epoch =
-            crate::cli::random_token().map_err(|e| format!("cannot make an epoch: {e}"))?;
+        let fresh_epoch = format!("{}-{ticket}", self.origin);
         let limits = self.config.hold_limits;
         args.extend([
             "8".to_string(),
@@ -155,7 +158,7 @@ impl RedisEngine {
             args.push(op.ttl_ms.map_or("-1".to_string(), |t| t.to_string()));
         }
         args.push(self.config.skus_max.to_string());
-        Ok(args)
+        args
     }
 
     pub(super) fn hold_args(
