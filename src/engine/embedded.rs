@@ -309,15 +309,7 @@ impl EmbeddedEngine {
     }
 
     fn view(&self, hold: &str, now_ms: u64) -> Result<HoldView, ApiError> {
-        let (lines, deadline_ms) = self
-            .holds
-            .check_live(hold, now_ms)
-            .map_err(|e| ApiError::from_hold(&e, hold))?;
-        Ok(HoldView {
-            hold: hold.to_string(),
-            expires_in_ms: deadline_ms.saturating_sub(now_ms),
-            lines: lines.to_vec(),
-        })
+        HoldView::of(&self.holds, hold, now_ms)
     }
 
     pub fn log(&self) -> &dyn Log {

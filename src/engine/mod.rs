@@ -94,6 +94,20 @@ pub struct HoldView {
     pub lines: Vec<(SkuId, u64)>,
 }
 
+impl HoldView {
+    /// `hold` as `get` shows it from `holds` (each engine keeps its own table), or why not.
+    pub fn of(holds: &crate::stock::Holds, hold: &str, now_ms: u64) -> Result<HoldView, ApiError> {
+        let (lines, deadline_ms) = holds
+            .check_live(hold, now_ms)
+            .map_err(|e| ApiError::from_hold(&e, hold))?;
+        Ok(HoldView {
+            hold: hold.to_string(),
+            expires_in_ms: deadline_ms.saturating_sub(now_ms),
+            lines: lines.to_vec(),
+        })
+    }
+}
+
 /// Hold figures for `/metrics`, kept by the engine that decides holds.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HoldStats {

@@ -62,6 +62,17 @@ local function unpack_hold(packed)
   end
   return tonumber(words[1]), lines, order
 end
+-- A key used before: {'dup', results} when it came with the same request (fingerprint `fp`),
+-- {'mismatch'} when with another; nil for a new key.
+local function seen_key(idem, fp)
+  local prev = redis.call('GET', idem)
+  if not prev then return nil end
+  local sep = string.find(prev, '\n', 1, true)
+  if sep and string.sub(prev, 1, sep - 1) == fp then
+    return {'dup', string.sub(prev, sep + 1)}
+  end
+  return {'mismatch'}
+end
 local function pack_hold(deadline, lines, order)
   local out = {fmt(deadline)}
   for _, sku in ipairs(order) do out[#out + 1] = sku .. ' ' .. fmt(lines[sku]) end
@@ -129,14 +140,8 @@ local FIRST, PER_OP = 12, 6
 local skus_max = tonumber(ARGV[FIRST + n * PER_OP]) or 0
 local created = 0
 if keyed then
-  local prev = redis.call('GET', idem)
-  if prev then
-    local sep = string.find(prev, '\n', 1, true)
-    if sep and string.sub(prev, 1, sep - 1) == fp then
-      return {'dup', string.sub(prev, sep + 1)}
-    end
-    return {'mismatch'}
-  end
+  local seen = seen_key(idem, fp)
+  if seen then return seen end
 end
 -- Read only for writes that name a hold: the clock is all they add to a plain write's cost.
 local now = nil
@@ -293,14 +298,8 @@ local holdskey, heldkey, deadlines, marker = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local channel, fp, ttl, keyed, origin = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1', ARGV[5]
 local hold, action, ttlms, ttl_max = ARGV[6], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
 if keyed then
-  local prev = redis.call('GET', idem)
-  if prev then
-    local sep = string.find(prev, '\n', 1, true)
-    if sep and string.sub(prev, 1, sep - 1) == fp then
-      return {'dup', string.sub(prev, sep + 1)}
-    end
-    return {'mismatch'}
-  end
+  local seen = seen_key(idem, fp)
+  if seen then return seen end
 end
 -- 100 is TTL_MS_MIN.
 if action == 'extend' and (ttlms < 100 or ttlms > ttl_max) then
