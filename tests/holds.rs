@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::holds::{hold_msg, q, state};
 use common::{http_json, recv, request, scrape_metric, send, Server, Ws, TOKEN};
 use serde_json::{json, Value};
 
@@ -30,21 +31,6 @@ fn take(ws: &mut Ws, sku: &str, change: u64, hold: &str, ttl_ms: Option<u64>) ->
         ws,
         json!({"type":"stock_update","stock": hold_op(sku, change, hold, ttl_ms)}),
     )
-}
-
-fn hold_msg(ws: &mut Ws, action: &str, hold: &str) -> Value {
-    request(ws, json!({"type":"hold","action":action,"hold":hold}))
-}
-
-fn state(ws: &mut Ws, sku: &str) -> Value {
-    let reply = request(ws, json!({"type":"get","skus":[sku]}));
-    reply["stock"][0].clone()
-}
-
-/// (quantity, on_hand, reserved, version) of a state.
-fn q(state: &Value) -> (u64, u64, u64, u64) {
-    let n = |f: &str| state[f].as_u64().unwrap();
-    (n("quantity"), n("on_hand"), n("reserved"), n("version"))
 }
 
 /// Sends `message` and returns its answer, skipping `hold_expired` pushes (the holder may hear

@@ -21,15 +21,6 @@ const EXPIRING_HOLDS: usize = 10_000;
 const OPS_PER_BATCH: usize = 100;
 const WINDOW: usize = 32;
 
-fn rss_kib(server: &Server) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Sends every batch with at most `WINDOW` in flight; calls `on_ack` per ack in order.
 fn pipeline(ws: &mut Ws, batches: Vec<Value>, mut on_sent: impl FnMut(usize, Instant)) {
     let total = batches.len();
@@ -75,14 +66,14 @@ fn one_million_live_holds_and_ten_thousand_expiring_in_one_second() {
         })
         .collect();
     pipeline(&mut ws, sets, |_, _| {});
-    let rss_before = rss_kib(&server);
+    let rss_before = common::rss_kb(server.child.id());
     let started = Instant::now();
     let batches: Vec<Value> = (0..LIVE_HOLDS / OPS_PER_BATCH)
         .map(|b| hold_batch(b * OPS_PER_BATCH, OPS_PER_BATCH, "live", 3_600_000))
         .collect();
     pipeline(&mut ws, batches, |_, _| {});
     let took = started.elapsed();
-    let rss_after = rss_kib(&server);
+    let rss_after = common::rss_kb(server.child.id());
     println!(
         "{LIVE_HOLDS} holds taken in {:.1} s ({:.0} holds/s); RSS {} -> {} KiB: {:.0} bytes per live hold",
         took.as_secs_f64(),

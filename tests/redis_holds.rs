@@ -8,6 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::holds::{hold_msg, q, state};
 use common::redis::RedisServer;
 use common::watch::recv_within;
 use common::{request, scrape_metric, subscribed_client, Server, Ws};
@@ -26,21 +27,6 @@ fn set(ws: &mut Ws, sku: &str, quantity: u64) {
 
 fn hold_op(sku: &str, change: u64, hold: &str, ttl_ms: u64) -> Value {
     json!({"id": sku, "action": "reserve", "change": change, "hold": hold, "ttl_ms": ttl_ms})
-}
-
-fn hold_msg(ws: &mut Ws, action: &str, hold: &str) -> Value {
-    request(ws, json!({"type":"hold","action":action,"hold":hold}))
-}
-
-fn state(ws: &mut Ws, sku: &str) -> Value {
-    let reply = request(ws, json!({"type":"get","skus":[sku]}));
-    reply["stock"][0].clone()
-}
-
-/// (quantity, on_hand, reserved, version) of a state.
-fn q(state: &Value) -> (u64, u64, u64, u64) {
-    let n = |f: &str| state[f].as_u64().unwrap();
-    (n("quantity"), n("on_hand"), n("reserved"), n("version"))
 }
 
 /// The next message of `kind`, skipping others, within [`FEED`].

@@ -73,15 +73,6 @@ fn max_skus_refuses_new_skus_past_it_and_lets_existing_ones_change() {
     );
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// A client pipelining writes as fast as it can for `seconds` (reading its acks on another
 /// thread, so only writes in flight can bound it) against a log that takes 300 ms per batch.
 /// Returns (outbox peak, RSS growth kB, acks received).

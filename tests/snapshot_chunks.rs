@@ -55,15 +55,6 @@ fn fill(server: &Server) {
     }
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn ping_rtts(ws: &mut Ws, count: usize) -> Vec<Duration> {
     let mut rtts = Vec::with_capacity(count);
     for i in 0..count {

@@ -311,20 +311,10 @@ fn fragmented_compressed_message_with_a_ping_between() {
     assert_eq!(&payload[..2], &1002u16.to_be_bytes());
 }
 
-/// Peak resident memory of a process, in KiB (Linux `VmHWM`).
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/PID/status")
-}
-
 #[test]
 fn zip_bomb_closes_1009_and_memory_stays_bounded() {
     let server = Server::start(&["--max-message-bytes", "65536"]);
-    let before = peak_rss_kib(server.child.id());
+    let before = status_kb(server.child.id(), "VmHWM");
     // 256 MiB of zeros deflate to about 256 KiB: sent in 4 fragments under the frame limit.
     let bomb = deflate(&vec![0u8; 256 * 1024 * 1024]);
     assert!(bomb.len() < 300 * 1024, "{}", bomb.len());
@@ -355,7 +345,7 @@ fn zip_bomb_closes_1009_and_memory_stays_bounded() {
     let (first, payload) = read_frame(&mut stream);
     assert_eq!(first, 0x80 | CLOSE);
     assert_eq!(&payload[..2], &1009u16.to_be_bytes());
-    let after = peak_rss_kib(server.child.id());
+    let after = status_kb(server.child.id(), "VmHWM");
     assert!(
         after - before < 16 * 1024,
         "peak RSS grew by {} KiB inflating bombs of 256 MiB and 48 MiB",

@@ -15,6 +15,7 @@ use stocksync::net::EventLoop;
 use tungstenite::stream::MaybeTlsStream;
 use tungstenite::WebSocket;
 
+pub mod holds;
 pub mod redis;
 pub mod tls;
 pub mod watch;
@@ -604,4 +605,21 @@ pub fn python_with(packages: &[&str]) -> PathBuf {
         );
     }
     python
+}
+
+/// A figure in kB from /proc/PID/status (`field` as `"VmRSS"`, `"VmHWM"`); panics when the
+/// process or the field is missing, so a memory bound can never pass on a zero.
+pub fn status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Resident memory of a process in kB.
+pub fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS")
 }
