@@ -100,10 +100,6 @@ pub fn open_with_holds(
 }
 
 /// Restores state into a store and key cache as records and snapshots hand it over.
-/// Fewest bytes a SKU's state takes in a snapshot of realistic names (about 16 at 1M SKUs named
-/// `sku-0000000`); only sizes the store up front.
-const SNAPSHOT_BYTES_PER_STATE_MIN: usize = 16;
-
 struct Restorer {
     store: Store,
     keys: IdempotencyCache,
@@ -230,11 +226,10 @@ fn load(
     if let Some(&newest) = snapshots.last() {
         let path = dir.join(snapshot::file_name(newest));
         let bytes = fs::read(&path).map_err(|e| WalError::io(&path, e))?;
-        // A state takes at least 16 bytes in a snapshot (frames, name, three varints): room
-        // for that many SKUs up front, so the name index never rehashes while loading.
+        // Room for the snapshot's SKUs up front, so the name index never rehashes while loading.
         restorer
             .store
-            .reserve(bytes.len() / SNAPSHOT_BYTES_PER_STATE_MIN);
+            .reserve(snapshot::states_total(&bytes).unwrap_or(0));
         let mut failure: Option<String> = None;
         let mut states = 0u64;
         let mut keys = Vec::new();

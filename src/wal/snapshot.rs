@@ -419,6 +419,31 @@ pub fn read(
     read_with_holds(bytes, on_state, on_key, |_| {})
 }
 
+/// Fewest bytes one state takes in a STATES frame: a one-byte name with its length byte and
+/// three one-byte varints.
+const STATE_BYTES_MIN: usize = 5;
+
+/// How many states the snapshot in `bytes` holds, as its END frame says, for sizing the store
+/// before reading it: `None` if there is no END frame to be found. Frames are hopped over by
+/// their headers only (no checksums: [`read_with_holds`] checks everything), and the count is
+/// capped by what the file could hold, so a damaged count cannot make the caller reserve more
+/// than the file's size allows.
+pub fn states_total(bytes: &[u8]) -> Option<usize> {
+    let mut at = 0usize;
+    loop {
+        let header = bytes.get(at..at.checked_add(FRAME_HEADER_BYTES)?)?;
+        let len = u32::from_le_bytes(header[0..4].try_into().ok()?) as usize;
+        let body_start = at + FRAME_HEADER_BYTES;
+        let body = bytes.get(body_start..body_start.checked_add(len)?)?;
+        if body.first() == Some(&KIND_END) {
+            let total = Cursor::new(&body[1..]).varint().ok()?;
+            let cap = bytes.len() / STATE_BYTES_MIN;
+            return Some(usize::try_from(total).map_or(cap, |total| total.min(cap)));
+        }
+        at = body_start + len;
+    }
+}
+
 /// [`read`], also handing over each live hold and expired marker. HOLDS frames are checked
 /// by their CRC; the END frame keeps the first format's two counts, so it does not count them.
 pub fn read_with_holds(
@@ -560,6 +585,24 @@ mod tests {
         assert_eq!(states[99_999], ("sku-100000".to_string(), stock(100_000)));
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].result, vec![("sku-1".to_string(), stock(1))]);
+    }
+
+    #[test]
+    fn states_total_is_read_from_the_end_frame_and_capped_by_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = write_snapshot(dir.path(), 7, 1_000);
+        assert_eq!(states_total(&bytes), Some(1_000));
+        // No END frame (cut short): no count.
+        assert_eq!(states_total(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(states_total(&[]), None);
+        // A count past what the file could hold is capped by its size.
+        let mut end = Vec::new();
+        let start = begin_frame(&mut end);
+        end.push(KIND_END);
+        put_varint(&mut end, u64::MAX);
+        put_varint(&mut end, 0);
+        end_frame(&mut end, start).unwrap();
+        assert_eq!(states_total(&end), Some(end.len() / STATE_BYTES_MIN));
     }
 
     #[test]
