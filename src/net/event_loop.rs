@@ -82,7 +82,7 @@ pub struct EventLoop<H: Handler> {
     /// INVARIANT: holds an entry for slot `i` exactly while `conns[i]` has
     /// `Flag::HoldsInput`, and
     /// every entry's length is at most `Limits::read_buffer_bytes_max`.
-    pending_inputs: HashMap<u32, Vec<u8>>,
+    pending_inputs: HashMap<u32, Vec<u8>, foldhash::fast::RandomState>,
     /// Each TLS connection's session, by slab index (`None` for free slots). Beside the slab
     /// rather than in `Connection`, so that a plain server's connections carry no TLS state at
     /// all; empty unless the listener speaks TLS. A rustls session is about a kilobyte: boxed.
@@ -174,7 +174,7 @@ impl<H: Handler> EventLoop<H> {
             ready: Vec::with_capacity(EVENTS_PER_POLL_MAX),
             accept_retry_at_ms: None,
             tls: None,
-            pending_inputs: HashMap::new(),
+            pending_inputs: HashMap::default(),
             tls_sessions: Vec::new(),
             handler,
         })
@@ -629,7 +629,10 @@ impl<H: Handler> EventLoop<H> {
             return;
         }
         conn.flags.set(Flag::HoldsInput, false);
-        let mut pending = self.pending_inputs.remove(&id.index).unwrap_or_default();
+        let mut pending = self
+            .pending_inputs
+            .remove(&id.index)
+            .expect("HoldsInput is set only while pending_inputs has the connection's bytes");
         if pending.len() + n > limit {
             self.overflow(id);
             return;

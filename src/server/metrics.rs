@@ -194,6 +194,15 @@ impl Metrics {
     }
 }
 
+// `OpCounts` indexes by discriminant and reads back in `Action::ALL` order: the two agree.
+const _: () = {
+    let mut i = 0;
+    while i < Action::ALL.len() {
+        assert!(Action::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 /// How many ops of each action one write carries, kept until its outcome is counted: a fixed
 /// array rather than a `Vec` of actions, so a write costs no allocation for its metrics.
 #[derive(Clone, Copy, Debug, Default)]
@@ -203,11 +212,7 @@ impl OpCounts {
     pub fn of(actions: impl IntoIterator<Item = Action>) -> OpCounts {
         let mut counts = OpCounts::default();
         for action in actions {
-            let index = Action::ALL
-                .iter()
-                .position(|&a| a == action)
-                .unwrap_or_default();
-            counts.0[index] += 1;
+            counts.0[action as usize] += 1;
         }
         counts
     }

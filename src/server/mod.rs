@@ -131,8 +131,8 @@ struct Session {
     window_start_ms: u64,
 }
 
-/// Bytes of a session: four words (the three counters, the role and two flags in the fourth
-/// word's padding, the window start). 80 while the token name (24) and the snapshot queue (32,
+/// Bytes of a session: three words (the three counters and the role and two flags in the first
+/// two, the window start). 80 while the token name (24) and the snapshot queue (32,
 /// and a ~350-byte buffer it kept after its first snapshot) lived here.
 const SESSION_BYTES_MAX: usize = 24;
 const _: () = assert!(std::mem::size_of::<Session>() <= SESSION_BYTES_MAX);
@@ -155,11 +155,11 @@ pub struct StockService {
     /// Name of the token each WebSocket that presented one was opened with (for the per-token
     /// rate limit and for closing it when a reload revokes the token). Entries go when the
     /// WebSocket closes.
-    session_tokens: HashMap<ConnId, Rc<str>>,
+    session_tokens: HashMap<ConnId, Rc<str>, foldhash::fast::RandomState>,
     /// Snapshot replies being sent in chunks to a connection, the first one in progress (see
     /// `snapshot`). Only connections with one under way have an entry; it goes with the last
     /// chunk or the connection.
-    snapshots: HashMap<ConnId, snapshot::Snapshots>,
+    snapshots: HashMap<ConnId, snapshot::Snapshots, foldhash::fast::RandomState>,
     released: Vec<SkuId>,
     /// Connections not read because of writes in flight, released as the outbox drains.
     /// INVARIANT: holds each connection whose session has `reads_held`, once.
@@ -194,8 +194,8 @@ impl StockService {
             sent_versions: SentVersions::default(),
             wildcard_batch: commit::WildcardBatch::default(),
             sessions: Vec::new(),
-            session_tokens: HashMap::new(),
-            snapshots: HashMap::new(),
+            session_tokens: HashMap::default(),
+            snapshots: HashMap::default(),
             released: Vec::new(),
             held: Vec::new(),
             token_rates: auth::TokenRates::default(),
@@ -363,11 +363,12 @@ impl Service for StockService {
     }
 
     fn on_ws_close(&mut self, _cx: &mut Ctx<'_>, id: ConnId) {
+        // The maps first: nothing below can then leave their entries behind.
+        self.snapshots.remove(&id);
+        self.session_tokens.remove(&id);
         let mut released = std::mem::take(&mut self.released);
         self.subs.remove_conn(id, &mut released);
         self.fanout.remove_conn(id);
-        self.snapshots.remove(&id);
-        self.session_tokens.remove(&id);
         self.forget_unused(released.drain(..));
         self.released = released;
     }
